@@ -1,0 +1,171 @@
+"""The circuit breaker: stop calling a dependency that keeps failing, and probe it later.
+
+Closed: calls pass and their outcomes fill a sliding window of the last ``window`` calls.
+When at least ``min_calls`` are in the window and the failure rate reaches
+``failure_rate``, it opens: calls raise :class:`~kafkaworkers.errors.CircuitOpenError` for
+``wait`` seconds. Then it is half-open: up to ``probes`` calls go through; if they all
+succeed it closes, one failure opens it again. Every call runs with a ``timeout`` so a hung
+dependency counts as a failure instead of wedging the worker. The worker reacts to
+``CircuitOpenError`` by pausing the partition, never by retrying or dead-lettering.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+from kafkaworkers.errors import CircuitOpenError
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CallTimeout", "CircuitBreaker"]
+
+T = TypeVar("T")
+
+CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+#: The value of ``kafkaworkers_circuit_breaker_state`` for each state.
+STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
+
+
+class CallTimeout(TimeoutError):
+    """A call guarded by a breaker did not finish within the breaker's timeout."""
+
+
+class CircuitBreaker:
+    """A failure-rate circuit breaker with a call timeout.
+
+    :param name: names the breaker in metrics, logs and :class:`CircuitOpenError`.
+    :param failure_rate: the share of failed calls in the window that opens it.
+    :param window: how many recent calls the rate is computed over.
+    :param min_calls: calls needed in the window before the rate is judged.
+    :param wait: seconds it stays open before letting probes through.
+    :param probes: calls let through while half-open.
+    :param timeout: seconds a call may take; a slower call counts as a failure.
+    :param ignore: exception types that are business outcomes, not failures: they are
+        re-raised but leave the breaker's statistics alone.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_rate: float = 0.5,
+        window: int = 20,
+        min_calls: int = 10,
+        wait: float = 30.0,
+        probes: int = 3,
+        timeout: float = 10.0,
+        ignore: tuple[type[BaseException], ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < failure_rate <= 1 or window < 1 or not 1 <= min_calls <= window or probes < 1:
+            raise ValueError(f"breaker {name!r}: bad thresholds")
+        self.name = name
+        self.failure_rate = failure_rate
+        self.min_calls = min_calls
+        self.wait = wait
+        self.probes = probes
+        self.timeout = timeout
+        self.ignore = ignore
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._outcomes: deque[bool] = deque(maxlen=window)
+        self._state = CLOSED
+        self._opened_at = 0.0
+        self._probes_started = 0
+        self._probes_ok = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name} {self.state}>"
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``half_open`` or ``open``, as of now."""
+        with self._lock:
+            return self._current_state()
+
+    def retry_at(self) -> float:
+        """The clock value from which a call may be let through again."""
+        with self._lock:
+            if self._current_state() == OPEN:
+                return self._opened_at + self.wait
+            return self._clock()
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` through the breaker; raise :class:`CircuitOpenError` if it is open."""
+        self._before()
+        try:
+            result = self._run(fn, args, kwargs)
+        except self.ignore:
+            self._record(True)
+            raise
+        except BaseException:
+            self._record(False)
+            raise
+        self._record(True)
+        return result
+
+    def force_open(self) -> None:
+        """Open now, as if the failure threshold was reached (operators and tests)."""
+        with self._lock:
+            self._open()
+
+    def reset(self) -> None:
+        """Close and forget every outcome."""
+        with self._lock:
+            self._state = CLOSED
+            self._outcomes.clear()
+
+    def _current_state(self) -> str:
+        if self._state == OPEN and self._clock() >= self._opened_at + self.wait:
+            self._state = HALF_OPEN
+            self._probes_started = self._probes_ok = 0
+        return self._state
+
+    def _before(self) -> None:
+        with self._lock:
+            state = self._current_state()
+            if state == OPEN:
+                raise CircuitOpenError(self.name, self._opened_at + self.wait)
+            if state == HALF_OPEN:
+                if self._probes_started >= self.probes:
+                    # Probes are in flight: ask again shortly rather than a whole wait later.
+                    raise CircuitOpenError(self.name, self._clock() + min(self.wait, 0.5))
+                self._probes_started += 1
+
+    def _record(self, ok: bool) -> None:
+        with self._lock:
+            if self._state == HALF_OPEN:
+                if not ok:
+                    self._open()
+                    return
+                self._probes_ok += 1
+                if self._probes_ok >= self.probes:
+                    self._state = CLOSED
+                    self._outcomes.clear()
+                return
+            if self._state == OPEN:
+                return
+            self._outcomes.append(ok)
+            calls = len(self._outcomes)
+            if calls >= self.min_calls and self._outcomes.count(False) / calls >= self.failure_rate:
+                self._open()
+
+    def _open(self) -> None:
+        self._state = OPEN
+        self._opened_at = self._clock()
+        self._outcomes.clear()
+
+    def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.probes + 1, thread_name_prefix=f"breaker-{self.name}")
+        future = self._pool.submit(fn, *args, **kwargs)
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise CallTimeout(f"{self.name}: call took longer than {self.timeout} s") from None

@@ -1,0 +1,312 @@
+"""The ``kafkaworkers`` command line (also ``python -m kafkaworkers``).
+
+Every expected failure (unknown plugin, unreachable broker, bad setting) prints one line
+naming the problem and what to do, and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+from typing import Any
+
+import click
+import msgspec
+
+from kafkaworkers import __version__
+from kafkaworkers.config import Settings, load_settings
+from kafkaworkers.errors import KafkaWorkersError
+from kafkaworkers.logs import configure
+from kafkaworkers.plugins import PluginHost
+from kafkaworkers.producer import create_producer
+from kafkaworkers.retry import dlq_topic, retry_topic
+from kafkaworkers.transports import MEMORY_URL, transport_for
+
+EXIT_ERROR = 1
+
+
+class _Cli(click.Group):
+    """A click group that turns kafkaworkers errors into one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KafkaWorkersError as exc:
+            click.echo(f"kafkaworkers: error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+_settings_options = [
+    click.option("--bootstrap-servers", "-b", help="Kafka bootstrap servers [env KAFKAWORKERS_BOOTSTRAP_SERVERS]."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A kafkaworkers.toml file."),
+    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+    click.option("--log-format", type=click.Choice(["text", "json"])),
+]
+
+
+def settings_options(fn: Any) -> Any:
+    """The options every broker-facing command shares."""
+    for option in reversed(_settings_options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(config_file: str | None, **overrides: Any) -> Settings:
+    if overrides.get("log_level"):
+        overrides["log_level"] = overrides["log_level"].upper()
+    settings = load_settings(config_file, overrides)
+    configure(settings.log_level, settings.log_format)
+    return settings
+
+
+def _host(ctx: click.Context) -> PluginHost:
+    return ctx.find_root().obj
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kafkaworkers")
+def cli() -> None:
+    """Run Kafka worker plugins with at-least-once delivery, retries, dead letters and metrics."""
+
+
+@cli.command()
+@click.option("--plugin", "-p", "names", multiple=True, help="A plugin to run (repeatable).")
+@click.option("--all", "run_all", is_flag=True, help="Run every installed plugin.")
+@click.option("--group-id", help="Consumer group id (default: the plugin's name; one plugin only).")
+@click.option("--metrics-host", help="Bind address of /metrics and the probes [default 127.0.0.1].")
+@click.option("--metrics-port", type=int, help="Port of /metrics and the probes; 0 turns it off [default 9400].")
+@click.option("--broker-wait", type=float, default=30.0, show_default=True, help="Seconds to wait for the broker.")
+@settings_options
+@click.pass_context
+def run(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    run_all: bool,
+    broker_wait: float,
+    config_file: str | None,
+    **overrides: Any,
+) -> None:
+    """Run plugins until SIGTERM or Ctrl-C (a second signal exits at once)."""
+    from kafkaworkers.metrics import Metrics
+    from kafkaworkers.probes import ProbeServer
+    from kafkaworkers.worker import Worker
+
+    host = _host(ctx)
+    if bool(names) == run_all:
+        raise click.UsageError("name plugins with --plugin NAME, or pass --all")
+    settings = _settings(config_file, **overrides)
+    plugins = list(host.plugins.values()) if run_all else host.select(names)
+    if not plugins:
+        raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
+    metrics = Metrics()
+    worker = Worker(plugins, settings, host, metrics=metrics)
+    server = None
+    if settings.metrics_port:
+        try:
+            server = ProbeServer(
+                settings.metrics_host,
+                settings.metrics_port,
+                metrics.registry,
+                live=lambda: worker.alive(settings.liveness_timeout),
+                ready=lambda: worker.ready,
+            ).start()
+        except OSError as exc:
+            raise KafkaWorkersError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
+                " pick another --metrics-port (0 turns it off)"
+            ) from None
+        click.echo(f"metrics and probes on http://{server.host}:{server.port}/metrics", err=True)
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            os._exit(128 + signum)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run(broker_wait=broker_wait)
+    finally:
+        if server:
+            server.close()
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+def plugins(ctx: click.Context, fmt: str) -> None:
+    """List installed plugins: where each came from, what it consumes and produces."""
+    host = _host(ctx)
+    rows = []
+    for name, plugin in sorted(host.plugins.items()):
+        info = host.info(name)
+        rows.append(
+            {
+                "name": name,
+                "distribution": info.distribution,
+                "version": info.version,
+                "description": plugin.description,
+                "consumes": {t: _type_name(s.type) for t, s in sorted(plugin.subscriptions.items())},
+                "produces": {t: _type_name(typ) for t, typ in sorted(plugin.produced.items())},
+            }
+        )
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no plugins installed")
+    for row in rows:
+        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})  {row['description']}".rstrip())
+        for topic, typ in row["consumes"].items():
+            click.echo(f"    consumes {topic}: {typ}")
+        for topic, typ in row["produces"].items():
+            click.echo(f"    produces {topic}: {typ}")
+
+
+@cli.group()
+def topics() -> None:
+    """Manage the topics the installed plugins declare."""
+
+
+@topics.command("create")
+@click.option("--partitions", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--replication-factor", type=click.IntRange(1), default=1, show_default=True)
+@settings_options
+@click.pass_context
+def topics_create(
+    ctx: click.Context, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
+) -> None:
+    """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent)."""
+    host = _host(ctx)
+    settings = _settings(config_file, **overrides)
+    names: set[str] = set()
+    for plugin in host.plugins.values():
+        group = settings.group_id or plugin.name
+        names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
+        names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
+    admin = transport_for(settings.bootstrap_servers).admin(_admin_config(settings))
+    result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])
+    for name, status in sorted(result.items()):
+        click.echo(f"{status:8} {name}")
+    click.echo(
+        f"{sum(s == 'created' for s in result.values())} created, {sum(s == 'exists' for s in result.values())} existed"
+    )
+
+
+@cli.command()
+@click.argument("topic")
+@click.option("--file", "-f", "source", type=click.File("rb"), default="-", help="JSON lines; - for stdin.")
+@click.option("--key", "key_field", help="Use this field of each message as its key.")
+@settings_options
+@click.pass_context
+def produce(
+    ctx: click.Context, topic: str, source: Any, key_field: str | None, config_file: str | None, **overrides: Any
+) -> None:
+    """Publish JSON lines to TOPIC, each validated against the topic's declared type."""
+    host = _host(ctx)
+    settings = _settings(config_file, **overrides)
+    typ = _topic_type(host, topic)
+    decoder = msgspec.json.Decoder(typ)
+    encoder = msgspec.json.Encoder()
+    producer = create_producer(settings)
+    failures: list[str] = []
+    delivery_errors: list[str] = []
+    sent = 0
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is not None:
+            delivery_errors.append(err.str())
+
+    for number, line in enumerate(source, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            failures.append(f"line {number}: {exc}")
+            continue
+        key = None
+        if key_field:
+            raw_key = msgspec.to_builtins(value).get(key_field) if hasattr(value, "__struct_fields__") else None
+            key = str(raw_key).encode() if raw_key is not None else None
+        headers = [("kw-correlation-id", uuid.uuid4().hex.encode())]
+        producer.produce(topic, encoder.encode(value), key, headers=headers, on_delivery=on_delivery)
+        producer.poll(0)
+        sent += 1
+    remaining = producer.flush(30)
+    for failure in failures:
+        click.echo(f"kafkaworkers: rejected {failure}", err=True)
+    for error in delivery_errors[:5]:
+        click.echo(f"kafkaworkers: delivery failed: {error}", err=True)
+    delivered = sent - len(delivery_errors) - remaining
+    click.echo(f"{delivered} sent to {topic}, {len(failures)} rejected, {len(delivery_errors) + remaining} undelivered")
+    if failures or delivery_errors or remaining:
+        ctx.exit(EXIT_ERROR)
+
+
+@cli.command()
+@click.option("--orders", "count", type=click.IntRange(1), default=200, show_default=True, help="Units of work.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds before giving up.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--bootstrap-servers", "-b", help="A real broker; default: the embedded in-memory broker.")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.pass_context
+def demo(
+    ctx: click.Context,
+    count: int,
+    seed: int,
+    timeout: float,
+    fmt: str,
+    bootstrap_servers: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the installed demo scenario end to end; exit non-zero if any outcome differs from the expected one."""
+    from kafkaworkers.demo import run_demo
+
+    settings = _settings(
+        None,
+        bootstrap_servers=bootstrap_servers or f"{MEMORY_URL}demo",
+        log_level=log_level or "WARNING",
+        metrics_port=0,
+    )
+    report = run_demo(_host(ctx), settings, count, seed, timeout)
+    click.echo(json.dumps(report.data, indent=2, default=str) if fmt == "json" else report.text)
+    if not report.ok:
+        ctx.exit(EXIT_ERROR)
+
+
+def _admin_config(settings: Settings) -> dict[str, Any]:
+    return {**settings.kafka, "bootstrap.servers": settings.bootstrap_servers}
+
+
+def _topic_type(host: PluginHost, topic: str) -> type:
+    for plugin in host.plugins.values():
+        if topic in plugin.subscriptions:
+            return plugin.subscriptions[topic].type
+        if topic in plugin.produced:
+            return plugin.produced[topic]
+    known = sorted({t for p in host.plugins.values() for t in [*p.subscriptions, *p.produced]})
+    raise KafkaWorkersError(f"no installed plugin declares topic {topic!r}; declared: {', '.join(known) or 'none'}")
+
+
+def _type_name(typ: type) -> str:
+    return f"{typ.__module__}.{getattr(typ, '__qualname__', repr(typ))}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Load plugins (and the commands they add), then run the CLI."""
+    host = PluginHost()
+    try:
+        host.load_entry_points()
+        host.register_commands(cli)
+        host.plugins  # noqa: B018 - validate declarations before any command runs
+    except KafkaWorkersError as exc:
+        click.echo(f"kafkaworkers: error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    cli.main(args=argv, prog_name="kafkaworkers", obj=host)

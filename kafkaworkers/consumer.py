@@ -1,0 +1,52 @@
+"""Consumers: the at-least-once defaults and the factory.
+
+The seed's ``consumers/`` (a base, a factory). The loop that drives a consumer is
+:mod:`kafkaworkers.worker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kafkaworkers.config import Settings
+from kafkaworkers.transports import Consumer, Transport, transport_for
+
+__all__ = ["CONSUMER_DEFAULTS", "consumer_config", "create_consumer"]
+
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    # A service that joins for the first time processes what is already waiting for it.
+    "auto.offset.reset": "earliest",
+    "partition.assignment.strategy": "cooperative-sticky",
+    # Committing every second bounds the re-delivery after a crash; what is committed is
+    # only ever what the loop stored, and it stores only finished, acknowledged work.
+    "enable.auto.commit": True,
+    "auto.commit.interval.ms": 1000,
+}
+
+#: Never overridable: the loop, not librdkafka, decides which offsets are done.
+_FORCED: dict[str, Any] = {"enable.auto.offset.store": False}
+
+
+def consumer_config(settings: Settings, group_id: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Layer the client configuration: defaults < ``[kafka]`` < ``[consumer]`` < ``extra`` < forced."""
+    return {
+        **CONSUMER_DEFAULTS,
+        **settings.kafka,
+        **settings.consumer,
+        **(extra or {}),
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": group_id,
+        **_FORCED,
+    }
+
+
+def create_consumer(
+    settings: Settings,
+    group_id: str,
+    extra: Mapping[str, Any] | None = None,
+    transport: Transport | None = None,
+) -> Consumer:
+    """A consumer in ``group_id`` that never stores an offset by itself."""
+    transport = transport or transport_for(settings.bootstrap_servers)
+    return transport.consumer(consumer_config(settings, group_id, extra))

@@ -1,0 +1,118 @@
+"""``kafkaworkers demo``: run an installed scenario end to end and judge the result.
+
+The framework knows nothing about what a scenario does. A distribution provides one through
+the ``kafkaworkers_demo_scenario`` hook: which plugins to run, the input messages, which
+topics to watch, and how to judge what it saw. The demo runs those plugins in a worker
+thread, publishes the input, feeds every watched message to the scenario until it says it
+is finished (or the timeout passes), then prints its report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from kafkaworkers.config import Settings
+from kafkaworkers.consumer import create_consumer
+from kafkaworkers.errors import KafkaWorkersError
+from kafkaworkers.plugins import PluginHost
+from kafkaworkers.producer import create_producer
+from kafkaworkers.transports import transport_for
+from kafkaworkers.worker import Worker
+
+__all__ = ["DemoReport", "DemoScenario", "run_demo"]
+
+
+@dataclass
+class DemoReport:
+    """A scenario's verdict: ``ok`` decides the exit status; ``text`` and ``data`` are printed."""
+
+    ok: bool
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class DemoScenario(Protocol):
+    """What a distribution provides for ``kafkaworkers demo``."""
+
+    #: Plugins to run.
+    plugins: list[str]
+    #: Topics whose messages :meth:`observe` receives.
+    watch: list[str]
+
+    def generate(self, count: int, seed: int) -> Iterable[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]:
+        """The input: (topic, key, value, headers) for ``count`` units of work."""
+        ...
+
+    def observe(self, topic: str, key: bytes | None, value: bytes, timestamp_ms: int) -> None:
+        """One message from a watched topic."""
+        ...
+
+    def finished(self) -> bool:
+        """Whether every unit of work reached its end."""
+        ...
+
+    def report(self, elapsed: float, timed_out: bool) -> DemoReport:
+        """The verdict, comparing what was observed with what was expected."""
+        ...
+
+
+def run_demo(
+    host: PluginHost, settings: Settings, count: int, seed: int, timeout: float, partitions: int = 3
+) -> DemoReport:
+    """Run the installed scenario on the broker in ``settings`` and return its report."""
+    scenario = host.demo_scenario()
+    if scenario is None:
+        raise KafkaWorkersError("no demo scenario is installed; install a distribution that provides one")
+    plugins = host.select(scenario.plugins)
+    transport = transport_for(settings.bootstrap_servers)
+    admin = transport.admin({**settings.kafka, "bootstrap.servers": settings.bootstrap_servers})
+    topics = sorted({t for p in plugins for t in [*p.subscriptions, *p.produced]})
+    admin.create_topics([(t, partitions, 1) for t in topics])
+
+    with tempfile.TemporaryDirectory(prefix="kafkaworkers-demo-") as data_dir:
+        settings = _replace(settings, data_dir=data_dir)
+        worker = Worker(plugins, settings, host, transport=transport)
+        thread = threading.Thread(target=worker.run, name="kafkaworkers-demo-worker", daemon=True)
+        watcher = create_consumer(settings, f"kafkaworkers-demo-{uuid.uuid4().hex[:8]}", transport=transport)
+        watcher.subscribe(scenario.watch)
+        thread.start()
+        producer = create_producer(settings, transport=transport)
+        start = time.monotonic()
+        for topic, key, value, headers in scenario.generate(count, seed):
+            while True:
+                try:
+                    producer.produce(topic, value, key, headers=headers)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+        producer.flush(30)
+        deadline = start + timeout
+        timed_out = False
+        try:
+            while not scenario.finished():
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                if not thread.is_alive():
+                    raise KafkaWorkersError("the demo worker stopped unexpectedly; see the log above")
+                for msg in watcher.consume(500, 0.2):
+                    if msg.error() is None and msg.value() is not None:
+                        scenario.observe(msg.topic(), msg.key(), msg.value(), msg.timestamp()[1])
+        finally:
+            elapsed = time.monotonic() - start
+            watcher.close()
+            worker.stop()
+            thread.join(30)
+        return scenario.report(elapsed, timed_out)
+
+
+def _replace(settings: Settings, **changes: Any) -> Settings:
+    return msgspec.structs.replace(settings, **changes)

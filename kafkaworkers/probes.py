@@ -1,0 +1,73 @@
+"""The worker's HTTP endpoint: ``/metrics``, ``/livez``, ``/readyz`` (``/healthz`` = ``/livez``).
+
+It runs in a daemon thread and only reads what the loop already keeps (a heartbeat
+timestamp, the join state, the metric registry), so a scrape never blocks or slows the
+consumer loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+__all__ = ["ProbeServer"]
+
+Check = Callable[[], tuple[bool, str]]
+
+
+class ProbeServer:
+    """Serve metrics and probes on ``host:port`` (port 0 picks a free port; see :attr:`port`).
+
+    :param registry: the registry ``/metrics`` exposes.
+    :param live: returns (alive, reason) for ``/livez``.
+    :param ready: returns (ready, reason) for ``/readyz``.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Check, ready: Check) -> None:
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {"registry": registry, "checks": {"/livez": live, "/healthz": live, "/readyz": ready}},
+        )
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="kafkaworkers-http", daemon=True)
+
+    def start(self) -> ProbeServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    checks: dict[str, Check]
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, encoder(self.registry), content_type)
+        elif path in self.checks:
+            ok, reason = self.checks[path]()
+            self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+        else:
+            self._reply(404, b"not found: try /metrics, /livez or /readyz\n", "text/plain; charset=utf-8")
+
+    def _reply(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every few seconds would drown the worker's own log."""

@@ -1,0 +1,58 @@
+"""Producers: the safe defaults, the factory, and the one shared producer per process.
+
+The seed's ``producers/`` (a base, a factory) and ``utils/singleton`` live here: librdkafka
+producers are thread-safe and batch best when shared, so a process keeps one per broker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from kafkaworkers.config import Settings
+from kafkaworkers.transports import Producer, Transport, transport_for
+
+__all__ = ["PRODUCER_DEFAULTS", "create_producer", "producer_config", "shared_producer"]
+
+#: Idempotent, fully acknowledged writes: at-least-once with no duplicates from client retries.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "linger.ms": 5,
+    # Below the consumer's max.poll.interval.ms, so a broker outage surfaces as a delivery
+    # error the loop can act on instead of an eviction from the group.
+    "message.timeout.ms": 120_000,
+}
+
+_lock = threading.Lock()
+_shared: dict[tuple[str, tuple[tuple[str, str], ...]], Producer] = {}
+
+
+def producer_config(settings: Settings, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Layer the client configuration: defaults < ``[kafka]`` < ``[producer]`` < ``extra``."""
+    return {
+        **PRODUCER_DEFAULTS,
+        **settings.kafka,
+        **settings.producer,
+        **(extra or {}),
+        "bootstrap.servers": settings.bootstrap_servers,
+    }
+
+
+def create_producer(
+    settings: Settings, extra: Mapping[str, Any] | None = None, transport: Transport | None = None
+) -> Producer:
+    """A new producer with the framework's defaults (benchmarks and tools that need their own)."""
+    transport = transport or transport_for(settings.bootstrap_servers)
+    return transport.producer(producer_config(settings, extra))
+
+
+def shared_producer(settings: Settings, transport: Transport | None = None) -> Producer:
+    """The process-wide producer for these settings, created on first use."""
+    config = producer_config(settings)
+    key = (settings.bootstrap_servers, tuple(sorted((k, str(v)) for k, v in config.items())))
+    with _lock:
+        if key not in _shared:
+            _shared[key] = (transport or transport_for(settings.bootstrap_servers)).producer(config)
+        return _shared[key]

@@ -1,0 +1,116 @@
+"""Transports: where messages really go.
+
+A transport hands out clients with the confluent-kafka interface, so the worker loop is
+one piece of code whatever the broker is:
+
+- :class:`~kafkaworkers.transports.kafka.KafkaTransport` talks to Apache Kafka through
+  confluent-kafka (librdkafka).
+- :class:`~kafkaworkers.transports.memory.MemoryTransport` is an embedded in-memory broker
+  for the demo, fast unit tests and plugin authors. It never stands in for Kafka in an
+  integration test.
+
+The protocols below list exactly the part of confluent-kafka the framework uses; both
+transports implement it, and nothing else may be relied on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from confluent_kafka import TopicPartition
+
+__all__ = ["Admin", "Consumer", "Message", "Producer", "TopicPartition", "Transport", "transport_for"]
+
+Headers = list[tuple[str, bytes]]
+
+
+class Message(Protocol):
+    """One consumed record (``confluent_kafka.Message`` or the in-memory twin)."""
+
+    def error(self) -> Any: ...
+    def topic(self) -> str: ...
+    def partition(self) -> int: ...
+    def offset(self) -> int: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> Headers | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+class Consumer(Protocol):
+    """The consumer calls the worker loop makes."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Callable[[Any, list[TopicPartition]], None] = ...,
+        on_revoke: Callable[[Any, list[TopicPartition]], None] = ...,
+        on_lost: Callable[[Any, list[TopicPartition]], None] = ...,
+    ) -> None: ...
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
+    def store_offsets(self, offsets: list[TopicPartition]) -> None: ...
+    def commit(self, asynchronous: bool = True) -> Any: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def seek(self, partition: TopicPartition) -> None: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]: ...
+    def get_watermark_offsets(
+        self, partition: TopicPartition, timeout: float = -1, cached: bool = False
+    ) -> tuple[int, int]: ...
+    def close(self) -> None: ...
+
+
+class Producer(Protocol):
+    """The producer calls the worker loop makes."""
+
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        partition: int = -1,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+        timestamp: int = 0,
+        headers: Headers | None = None,
+    ) -> None: ...
+    def poll(self, timeout: float = -1) -> int: ...
+    def flush(self, timeout: float = -1) -> int: ...
+    def __len__(self) -> int: ...
+
+
+class Admin(Protocol):
+    """Topic administration, reduced to what ``kafkaworkers topics`` needs."""
+
+    def create_topics(self, topics: Sequence[tuple[str, int, int]]) -> dict[str, str]:
+        """Create (name, partitions, replication) topics; map each name to "created" or "exists"."""
+        ...
+
+    def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
+        """Every topic with its partition count."""
+        ...
+
+
+class Transport(Protocol):
+    """A factory of clients for one broker."""
+
+    name: str
+
+    def consumer(self, config: Mapping[str, Any]) -> Consumer: ...
+    def producer(self, config: Mapping[str, Any]) -> Producer: ...
+    def admin(self, config: Mapping[str, Any]) -> Admin: ...
+
+
+MEMORY_URL = "memory://"
+
+
+def transport_for(bootstrap_servers: str) -> Transport:
+    """The transport for a bootstrap string: ``memory://`` is the embedded broker, anything else Kafka."""
+    if bootstrap_servers.startswith(MEMORY_URL):
+        from kafkaworkers.transports.memory import MemoryTransport
+
+        return MemoryTransport.named(bootstrap_servers[len(MEMORY_URL) :] or "default")
+    from kafkaworkers.transports.kafka import KafkaTransport
+
+    return KafkaTransport()

@@ -1,0 +1,83 @@
+"""The Apache Kafka transport: confluent-kafka clients, plus a small admin wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from kafkaworkers.errors import BrokerUnavailable
+
+__all__ = ["KafkaAdmin", "KafkaTransport"]
+
+
+class KafkaTransport:
+    """Clients for a real Kafka cluster; the configuration is passed to librdkafka as is."""
+
+    name = "kafka"
+
+    def consumer(self, config: Mapping[str, Any]) -> confluent_kafka.Consumer:
+        return confluent_kafka.Consumer(dict(config))
+
+    def producer(self, config: Mapping[str, Any]) -> confluent_kafka.Producer:
+        return confluent_kafka.Producer(dict(config))
+
+    def admin(self, config: Mapping[str, Any]) -> KafkaAdmin:
+        return KafkaAdmin(config)
+
+
+_ADMIN_KEYS = ("bootstrap.servers", "security.protocol", "client.id")
+
+
+class KafkaAdmin:
+    """Topic creation and listing with errors turned into plain statements."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self._servers = config.get("bootstrap.servers", "?")
+        # Consumer/producer-only properties make AdminClient warn; keep the shared ones.
+        shared = {
+            k: v
+            for k, v in config.items()
+            if k in _ADMIN_KEYS or k.startswith(("sasl.", "ssl.", "socket.", "broker.", "metadata."))
+        }
+        self._client = AdminClient(shared)
+
+    def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
+        try:
+            metadata = self._client.list_topics(timeout=timeout)
+        except confluent_kafka.KafkaException as exc:
+            raise BrokerUnavailable(
+                f"cannot reach Kafka at {self._servers} ({_reason(exc)}); start a broker"
+                " (make kafka-up) or pass --bootstrap-servers / KAFKAWORKERS_BOOTSTRAP_SERVERS"
+            ) from None
+        return {name: len(t.partitions) for name, t in metadata.topics.items() if not name.startswith("__")}
+
+    def create_topics(self, topics: Sequence[tuple[str, int, int]], timeout: float = 30.0) -> dict[str, str]:
+        existing = self.list_topics()
+        result: dict[str, str] = {}
+        wanted = []
+        for name, partitions, replication in topics:
+            if name in existing:
+                result[name] = "exists"
+            else:
+                wanted.append(NewTopic(name, num_partitions=partitions, replication_factor=replication))
+        if not wanted:
+            return result
+        for name, future in self._client.create_topics(wanted, operation_timeout=timeout).items():
+            try:
+                future.result(timeout)
+                result[name] = "created"
+            except confluent_kafka.KafkaException as exc:
+                err = exc.args[0]
+                if err.code() == confluent_kafka.KafkaError.TOPIC_ALREADY_EXISTS:
+                    result[name] = "exists"
+                else:
+                    raise BrokerUnavailable(f"cannot create topic {name!r}: {err.str()}") from None
+        return result
+
+
+def _reason(exc: confluent_kafka.KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, confluent_kafka.KafkaError) else str(exc)
