@@ -20,6 +20,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
     "enable.idempotence": True,
     "linger.ms": 5,
+    # The Java client's partitioner: a key lands on the same partition whichever client wrote it
+    # (and on the in-memory broker, which hashes the same way).
+    "partitioner": "murmur2_random",
     # Below the consumer's max.poll.interval.ms, so a broker outage surfaces as a delivery
     # error the loop can act on instead of an eviction from the group.
     "message.timeout.ms": 120_000,

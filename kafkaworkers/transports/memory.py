@@ -1,0 +1,633 @@
+"""An embedded in-memory Kafka-like broker behind the confluent-kafka client interface.
+
+The demo, fast unit tests and plugin authors run the real worker loop against it, so its
+clients keep confluent-kafka's semantics: rebalance callbacks run inside the member's own
+``consume()``, delivery reports wait for ``poll()``/``flush()``, and only stored offsets are
+committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    OFFSET_STORED,
+    TIMESTAMP_CREATE_TIME,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+__all__ = ["MemoryAdmin", "MemoryBroker", "MemoryConsumer", "MemoryMessage", "MemoryProducer",
+           "MemoryTransport", "murmur2"]
+
+Headers = list[tuple[str, bytes | None]]
+Callback = Callable[[Any, list[TopicPartition]], None]
+_TP = tuple[str, int]
+
+_MASK = 0xFFFFFFFF
+_RESETS = {"earliest": True, "smallest": True, "beginning": True,
+           "latest": False, "largest": False, "end": False}
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (Java ``Utils.murmur2``, seed 0x9747b28c) as an unsigned 32-bit int."""
+    m = 0x5BD1E995
+    length = len(data)
+    h = 0x9747B28C ^ length
+    tail = length - length % 4
+    for i in range(0, tail, 4):
+        k = int.from_bytes(data[i:i + 4], "little") * m & _MASK
+        k = (k ^ k >> 24) * m & _MASK
+        h = (h * m & _MASK) ^ k
+    if tail < length:
+        h = (h ^ int.from_bytes(data[tail:], "little")) * m & _MASK
+    h = (h ^ h >> 13) * m & _MASK
+    return h ^ h >> 15
+
+
+# librdkafka's partitioners by their config names; "*_random" ones scatter keyless messages.
+_PARTITIONERS: dict[str, Callable[[bytes | None, int], int]] = {
+    "murmur2_random": lambda key, n: (
+        random.randrange(n) if key is None else (murmur2(key) & 0x7FFFFFFF) % n
+    ),
+    "murmur2": lambda key, n: (murmur2(key or b"") & 0x7FFFFFFF) % n,
+    "consistent_random": lambda key, n: zlib.crc32(key) % n if key else random.randrange(n),
+    "consistent": lambda key, n: zlib.crc32(key or b"") % n,
+    "random": lambda key, n: random.randrange(n),
+}
+
+
+def _invalid(prop: str, value: object) -> KafkaException:
+    return KafkaException(KafkaError(
+        KafkaError._INVALID_ARG, f'Invalid value "{value}" for configuration property "{prop}"'))
+
+
+def _flag(config: Mapping[str, Any], prop: str, default: bool) -> bool:
+    value = config.get(prop, default)
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "t", "1", "yes", "on")
+    return bool(value)
+
+
+def _bytes(value: Any) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    try:
+        return bytes(memoryview(value))
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not {type(value).__name__!r}") from None
+
+
+def _headers(headers: Headers | Mapping[str, Any] | None) -> Headers | None:
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    out: Headers = []
+    for name, value in items:
+        if value is not None and not isinstance(value, bytes | str):
+            raise TypeError("expected header value to be None, binary, or unicode string, "
+                            f"not {type(value).__name__}")
+        out.append((name, value.encode() if isinstance(value, str) else value))
+    return out or None
+
+
+def _tps(keys: Iterable[_TP]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition) for topic, partition in sorted(keys)]
+
+
+class MemoryMessage:
+    """One record, consumed or delivery-reported: the twin of ``confluent_kafka.Message``."""
+
+    __slots__ = ("_error", "_headers", "_key", "_offset", "_partition", "_timestamp", "_topic",
+                 "_value")
+
+    def __init__(self, topic: str, partition: int | None, offset: int | None, key: bytes | None,
+                 value: bytes | None, headers: Headers | None, timestamp: int,
+                 error: KafkaError | None = None) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._key, self._value, self._headers = key, value, headers
+        self._timestamp, self._error = timestamp, error
+
+    def error(self) -> KafkaError | None:
+        """The delivery error of a failed produce, else None."""
+        return self._error
+
+    def topic(self) -> str:
+        """The topic name."""
+        return self._topic
+
+    def partition(self) -> int | None:
+        """The partition; None when a failed delivery never got one, as in confluent-kafka."""
+        return self._partition
+
+    def offset(self) -> int | None:
+        """The offset in its partition; None for a failed delivery."""
+        return self._offset
+
+    def key(self) -> bytes | None:
+        """The key bytes."""
+        return self._key
+
+    def value(self) -> bytes | None:
+        """The value bytes."""
+        return self._value
+
+    def headers(self) -> Headers | None:
+        """A fresh list of (name, value) pairs, or None when there are none."""
+        return None if self._headers is None else list(self._headers)
+
+    def timestamp(self) -> tuple[int, int]:
+        """``(TIMESTAMP_CREATE_TIME, milliseconds since the epoch)``."""
+        return TIMESTAMP_CREATE_TIME, self._timestamp
+
+    def __len__(self) -> int:
+        return len(self._value) if self._value else 0
+
+    def __repr__(self) -> str:
+        return f"MemoryMessage({self._topic}[{self._partition}]@{self._offset}, key={self._key!r})"
+
+
+class MemoryBroker:
+    """Topics, committed offsets and consumer groups of one in-memory cluster; thread-safe.
+
+    :param auto_create_partitions: producing to an unknown topic creates it with this many
+        partitions; None (the default) fails the delivery, like Kafka without auto-creation.
+    """
+
+    def __init__(self, auto_create_partitions: int | None = None) -> None:
+        self.auto_create_partitions = auto_create_partitions
+        self._cond = threading.Condition(threading.Lock())
+        self._topics: dict[str, list[list[MemoryMessage]]] = {}
+        self._committed: dict[tuple[str, str, int], int] = {}
+        self._groups: dict[str, list[MemoryConsumer]] = {}
+        self._failures: dict[str, tuple[int, int]] = {}
+
+    def create_topic(self, name: str, partitions: int) -> bool:
+        """Create a topic; False when it already exists (its partition count is kept)."""
+        if partitions < 1:
+            raise ValueError(f"topic {name!r} needs at least one partition, not {partitions}")
+        with self._cond:
+            if name in self._topics:
+                return False
+            self._create(name, partitions)
+            return True
+
+    def list_topics(self) -> dict[str, int]:
+        """Every topic with its partition count."""
+        with self._cond:
+            return {name: len(parts) for name, parts in self._topics.items()}
+
+    def records(self, topic: str) -> list[MemoryMessage]:
+        """Everything a topic holds, partition by partition, for assertions."""
+        with self._cond:
+            return list(itertools.chain.from_iterable(self._topics.get(topic, [])))
+
+    def fail_deliveries(self, topic: str, count: int,
+                        error_code: int = KafkaError._MSG_TIMED_OUT) -> None:
+        """Make the next ``count`` produces to ``topic`` report ``error_code`` and not append."""
+        with self._cond:
+            self._failures[topic] = (count, error_code)
+
+    def _create(self, name: str, partitions: int) -> None:
+        self._topics[name] = [[] for _ in range(partitions)]
+        for group in self._groups:
+            self._rebalance(group)
+
+    def _produce(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+                 headers: Headers | None, timestamp: int,
+                 partitioner: Callable[[bytes | None, int], int]) -> MemoryMessage:
+        with self._cond:
+            if topic not in self._topics and self.auto_create_partitions:
+                self._create(topic, self.auto_create_partitions)
+            parts = self._topics.get(topic)
+            if parts is None:
+                return MemoryMessage(topic, None, None, key, value, headers, timestamp,
+                                     KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART))
+            if partition < 0:
+                partition = partitioner(key, len(parts))
+            elif partition >= len(parts):
+                raise KafkaException(KafkaError(
+                    KafkaError._UNKNOWN_PARTITION, "Unable to produce message: Unknown partition"))
+            count, code = self._failures.get(topic, (0, 0))
+            if count:
+                self._failures[topic] = (count - 1, code)
+                return MemoryMessage(topic, partition, None, key, value, headers, timestamp,
+                                     KafkaError(code))
+            log = parts[partition]
+            log.append(MemoryMessage(topic, partition, len(log), key, value, headers, timestamp))
+            self._cond.notify_all()
+            return log[-1]
+
+    def _rebalance(self, group: str) -> None:
+        """Give each topic's partitions evenly to the members subscribed to it, moving as few
+        as possible: each member keeps what it already had up to its share (sticky)."""
+        members = self._groups.get(group, [])
+        targets: dict[MemoryConsumer, set[_TP]] = {member: set() for member in members}
+        for topic, parts in self._topics.items():
+            subs = [member for member in members if member._subscribes(topic)]
+            if not subs:
+                continue
+            held = {m: sorted(p for t, p in m._target if t == topic) for m in subs}
+            ranked = sorted(subs, key=lambda m: -len(held[m]))
+            share, extra = divmod(len(parts), len(subs))
+            quotas = {m: share + (rank < extra) for rank, m in enumerate(ranked)}
+            kept = {m: held[m][:quotas[m]] for m in ranked}
+            free = iter(sorted(set(range(len(parts))).difference(*kept.values())))
+            for m in ranked:
+                kept[m] += itertools.islice(free, quotas[m] - len(kept[m]))
+                targets[m].update((topic, p) for p in kept[m])
+        for member, target in targets.items():
+            member._target = target
+        self._cond.notify_all()
+
+
+class MemoryConsumer:
+    """A consumer-group member with the ``confluent_kafka.Consumer`` interface.
+
+    Partitions move incrementally (cooperative): a partition leaves its old owner, through
+    that owner's ``on_revoke`` inside its own ``consume()``, before the new owner's
+    ``on_assign`` hands it over, so two members never hold one partition.
+    """
+
+    def __init__(self, broker: MemoryBroker, config: Mapping[str, Any]) -> None:
+        self.group_id = config.get("group.id")
+        if not self.group_id:
+            raise ValueError("Failed to create consumer: group.id must be set")
+        reset = str(config.get("auto.offset.reset", "latest")).lower()
+        if reset not in _RESETS:
+            raise _invalid("auto.offset.reset", reset)
+        self._earliest = _RESETS[reset]
+        self._auto_store = _flag(config, "enable.auto.offset.store", True)
+        self._auto_commit = _flag(config, "enable.auto.commit", True)
+        self._broker = broker
+        self._cond = broker._cond
+        self._subscription: list[str] = []
+        self._on_assign: Callback | None = None
+        self._on_revoke: Callback | None = None
+        self._target: set[_TP] = set()  # what the group gives this member
+        self._owned: set[_TP] = set()  # what it has taken over through on_assign
+        self._position: dict[_TP, int] = {}
+        self._stored: dict[_TP, int] = {}
+        self._paused: set[_TP] = set()
+        self._cursor = 0
+        self._closed = False
+
+    def subscribe(self, topics: list[str], on_assign: Callback | None = None,
+                  on_revoke: Callback | None = None, on_lost: Callback | None = None) -> None:
+        """Join the group for ``topics`` (names, or regexes starting with ``^``).
+
+        ``on_lost`` is accepted but never called: an in-memory member cannot lose its session.
+        """
+        self._check()
+        with self._cond:
+            self._subscription = list(topics)
+            self._on_assign, self._on_revoke = on_assign, on_revoke
+            members = self._broker._groups.setdefault(self.group_id, [])
+            if self not in members:
+                members.append(self)
+            self._broker._rebalance(self.group_id)
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[MemoryMessage]:
+        """Up to ``num_messages`` records, round-robin over the assigned, unpaused partitions,
+        waiting at most ``timeout`` seconds (-1: forever) for the first; [] on timeout."""
+        self._check()
+        if not 0 <= num_messages <= 1_000_000:
+            raise ValueError("num_messages must be between 0 and 1000000 (1M)")
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        if self._auto_commit:
+            with self._cond:
+                self._commit_stored(None)
+        while True:
+            self._serve_rebalance()
+            with self._cond:
+                batch = self._fetch(num_messages)
+                if batch or not num_messages:
+                    return batch
+                # Checked under the lock so a rebalance notified just before is not slept through.
+                if any(self._moves()):
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+
+    def poll(self, timeout: float | None = None) -> MemoryMessage | None:
+        """One record, or None after ``timeout`` seconds (None or -1: forever)."""
+        batch = self.consume(1, -1 if timeout is None else timeout)
+        return batch[0] if batch else None
+
+    def store_offsets(self, message: MemoryMessage | None = None,
+                      offsets: list[TopicPartition] | None = None) -> None:
+        """Store the next offset to commit: ``message``'s offset + 1, or ``offsets`` as given.
+
+        Offsets of partitions not assigned to this member are dropped; if none remain this
+        raises ``_STATE``, as librdkafka does.
+        """
+        self._check()
+        if (message is None) == (offsets is None):
+            raise ValueError("expected either message or offsets")
+        if self._auto_store:
+            raise KafkaException(KafkaError(KafkaError._INVALID_ARG,
+                                            "StoreOffsets failed: enable.auto.offset.store=true"))
+        if message is not None:
+            offsets = [TopicPartition(message.topic(), message.partition(), message.offset() + 1)]
+        with self._cond:
+            mine = [tp for tp in offsets if (tp.topic, tp.partition) in self._owned]
+            if offsets and not mine:
+                raise KafkaException(KafkaError(KafkaError._STATE, "StoreOffsets failed: "
+                                                "partitions not assigned"))
+            for tp in mine:
+                self._stored[tp.topic, tp.partition] = tp.offset
+
+    def commit(self, *, offsets: list[TopicPartition] | None = None,
+               asynchronous: bool = True) -> list[TopicPartition] | None:
+        """Commit the stored offsets, or ``offsets`` as given, for the group.
+
+        Like confluent-kafka, returns None when asynchronous, otherwise the assignment with the
+        offsets just committed, and raises ``_NO_OFFSET`` when there was nothing new to commit.
+        """
+        self._check()
+        with self._cond:
+            if offsets is not None:
+                for tp in offsets:
+                    self._broker._committed[self.group_id, tp.topic, tp.partition] = tp.offset
+                done = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in offsets]
+            else:
+                committed = self._commit_stored(None)
+                if not committed and not asynchronous:
+                    raise KafkaException(KafkaError(KafkaError._NO_OFFSET,
+                                                    "Commit failed: Local: No offset stored"))
+                done = [TopicPartition(t, p, committed.get((t, p), OFFSET_INVALID))
+                        for t, p in sorted(self._owned)]
+        return None if asynchronous else done
+
+    def committed(self, partitions: list[TopicPartition],
+                  timeout: float = -1) -> list[TopicPartition]:
+        """The group's committed offsets; ``OFFSET_INVALID`` where nothing was committed."""
+        self._check()
+        with self._cond:
+            return [TopicPartition(tp.topic, tp.partition, self._broker._committed.get(
+                (self.group_id, tp.topic, tp.partition), OFFSET_INVALID)) for tp in partitions]
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        """The next offset this member will fetch; ``OFFSET_INVALID`` if not assigned."""
+        self._check()
+        with self._cond:
+            return [TopicPartition(tp.topic, tp.partition, self._position.get(
+                (tp.topic, tp.partition), OFFSET_INVALID)) for tp in partitions]
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        """Stop fetching from these assigned partitions until resumed or reassigned."""
+        self._check()
+        with self._cond:
+            self._paused |= {(tp.topic, tp.partition) for tp in partitions} & self._owned
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        """Fetch again from paused partitions."""
+        self._check()
+        with self._cond:
+            self._paused -= {(tp.topic, tp.partition) for tp in partitions}
+            self._cond.notify_all()
+
+    def seek(self, partition: TopicPartition) -> None:
+        """Fetch an assigned partition from ``partition.offset`` next (logical offsets too)."""
+        self._check()
+        key = (partition.topic, partition.partition)
+        with self._cond:
+            if key not in self._owned:
+                raise KafkaException(KafkaError(KafkaError._STATE, f"Failed to seek to offset "
+                                                f"{partition.offset}: partition not assigned"))
+            self._position[key] = self._start(key, partition.offset)
+
+    def assignment(self) -> list[TopicPartition]:
+        """The partitions this member holds."""
+        self._check()
+        with self._cond:
+            return _tps(self._owned)
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = -1,
+                              cached: bool = False) -> tuple[int, int]:
+        """``(low, high)``: the first offset and the offset the next record will get."""
+        self._check()
+        with self._cond:
+            parts = self._broker._topics.get(partition.topic, [])
+            if not 0 <= partition.partition < len(parts):
+                raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION,
+                                                "Failed to get watermark offsets"))
+            return 0, len(parts[partition.partition])
+
+    def close(self) -> None:
+        """Revoke the assignment (``on_revoke``), commit if auto-commit is on, leave the group."""
+        if self._closed:
+            return
+        with self._cond:
+            owned = set(self._owned)
+        try:
+            if owned and self._on_revoke:
+                self._on_revoke(self, _tps(owned))
+        finally:
+            with self._cond:
+                if self._auto_commit:
+                    self._commit_stored(None)
+                self._closed = True
+                members = self._broker._groups.get(self.group_id, [])
+                if self in members:
+                    members.remove(self)
+                    self._broker._rebalance(self.group_id)
+                self._owned.clear()
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError("Consumer closed")
+
+    def _subscribes(self, topic: str) -> bool:
+        return any(topic == name or (name.startswith("^") and re.match(name, topic))
+                   for name in self._subscription)
+
+    def _moves(self) -> tuple[set[_TP], set[_TP]]:
+        """(to revoke, to assign now); a partition still held by another member waits."""
+        others = (m._owned for m in self._broker._groups.get(self.group_id, []) if m is not self)
+        return self._owned - self._target, self._target - self._owned - set().union(*others)
+
+    def _serve_rebalance(self) -> None:
+        with self._cond:
+            revoke, _ = self._moves()
+        if revoke:
+            try:
+                if self._on_revoke:
+                    self._on_revoke(self, _tps(revoke))
+            finally:
+                with self._cond:
+                    if self._auto_commit:
+                        self._commit_stored(revoke)
+                    self._owned -= revoke
+                    self._paused -= revoke
+                    for key in revoke:
+                        self._position.pop(key, None)
+                        self._stored.pop(key, None)
+                    self._cond.notify_all()
+        with self._cond:
+            _, assign = self._moves()
+            for key in assign:
+                self._position[key] = self._start(key, OFFSET_STORED)
+            self._owned |= assign
+        if assign and self._on_assign:
+            self._on_assign(self, _tps(assign))
+
+    def _start(self, key: _TP, offset: int) -> int:
+        high = len(self._broker._topics[key[0]][key[1]])
+        if offset in (OFFSET_STORED, OFFSET_INVALID):
+            offset = self._broker._committed.get((self.group_id, *key), OFFSET_INVALID)
+        if offset == OFFSET_BEGINNING:
+            return 0
+        if 0 <= offset <= high:
+            return offset
+        # Nothing committed or out of range: a real fetch falls back to auto.offset.reset too.
+        return 0 if self._earliest and offset != OFFSET_END else high
+
+    def _fetch(self, limit: int) -> list[MemoryMessage]:
+        live = sorted(self._owned - self._paused)
+        if not live:
+            return []
+        # Start one partition further each call so a hot partition cannot starve the others.
+        start = self._cursor % len(live)
+        self._cursor = start + 1
+        queue = deque(live[start:] + live[:start])
+        batch: list[MemoryMessage] = []
+        while queue and len(batch) < limit:
+            key = queue.popleft()
+            log, pos = self._broker._topics[key[0]][key[1]], self._position[key]
+            if pos < len(log):
+                batch.append(log[pos])
+                self._position[key] = pos + 1
+                queue.append(key)
+        if self._auto_store:
+            for msg in batch:
+                self._stored[msg.topic(), msg.partition()] = msg.offset() + 1
+        return batch
+
+    def _commit_stored(self, only: set[_TP] | None) -> dict[_TP, int]:
+        done = {}
+        for key, offset in self._stored.items():
+            group_key = (self.group_id, *key)
+            if (only is None or key in only) and self._broker._committed.get(group_key) != offset:
+                self._broker._committed[group_key] = offset
+                done[key] = offset
+        return done
+
+
+class MemoryProducer:
+    """A producer with the ``confluent_kafka.Producer`` interface.
+
+    Records are in the log as soon as ``produce()`` returns; their delivery callbacks wait
+    for ``poll()``/``flush()`` and run on the thread that calls them, as with librdkafka.
+    """
+
+    def __init__(self, broker: MemoryBroker, config: Mapping[str, Any]) -> None:
+        name = config.get("partitioner", "murmur2_random")
+        if name not in _PARTITIONERS:
+            raise _invalid("partitioner", name)
+        self._partitioner = _PARTITIONERS[name]
+        self._broker = broker
+        self._default_callback = config.get("on_delivery")
+        self._reports: deque[tuple[Callable[[Any, Any], None] | None, MemoryMessage]] = deque()
+        self._cond = threading.Condition()
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1,
+                on_delivery: Callable[[Any, Any], None] | None = None, timestamp: int = 0,
+                headers: Headers | Mapping[str, Any] | None = None, *,
+                callback: Callable[[Any, Any], None] | None = None) -> None:
+        """Append a record (str is UTF-8 encoded) and queue its delivery report."""
+        msg = self._broker._produce(topic, partition, _bytes(key), _bytes(value),
+                                    _headers(headers), timestamp or int(time.time() * 1000),
+                                    self._partitioner)
+        with self._cond:
+            self._reports.append((on_delivery or callback or self._default_callback, msg))
+            self._cond.notify_all()
+
+    def poll(self, timeout: float | None = None) -> int:
+        """Run the queued delivery callbacks, first waiting up to ``timeout`` seconds (None or
+        -1: forever) for one if none is queued; the number served."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._reports,
+                                None if timeout is None or timeout < 0 else timeout)
+        return self._serve()
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Run every queued delivery callback; the number still undelivered (always 0)."""
+        self._serve()
+        return len(self)
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._reports)
+
+    def _serve(self) -> int:
+        served = 0
+        while True:
+            # One at a time: a raising callback leaves the rest queued, like librdkafka.
+            with self._cond:
+                if not self._reports:
+                    return served
+                callback, msg = self._reports.popleft()
+            served += 1
+            if callback:
+                callback(msg.error(), msg)
+
+
+class MemoryAdmin:
+    """Topic administration on a :class:`MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self._broker = broker
+
+    def create_topics(self, topics: Sequence[tuple[str, int, int]]) -> dict[str, str]:
+        """Create (name, partitions, replication) topics; map each name to "created"/"exists"."""
+        return {name: "created" if self._broker.create_topic(name, partitions) else "exists"
+                for name, partitions, _replication in topics}
+
+    def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
+        """Every topic with its partition count."""
+        return self._broker.list_topics()
+
+
+class MemoryTransport:
+    """Hands out in-memory clients for one :class:`MemoryBroker` (a fresh one by default)."""
+
+    name = "memory"
+    _named: ClassVar[dict[str, MemoryBroker]] = {}
+    _named_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self.broker = broker or MemoryBroker()
+
+    @classmethod
+    def named(cls, name: str) -> MemoryTransport:
+        """A transport on the process-wide broker called ``name`` (``memory://name``)."""
+        with cls._named_lock:
+            broker = cls._named.setdefault(name, MemoryBroker())
+        return cls(broker)
+
+    def consumer(self, config: Mapping[str, Any]) -> MemoryConsumer:
+        """A consumer; needs ``group.id``, ignores settings it has no use for."""
+        return MemoryConsumer(self.broker, config)
+
+    def producer(self, config: Mapping[str, Any]) -> MemoryProducer:
+        """A producer; ignores settings it has no use for."""
+        return MemoryProducer(self.broker, config)
+
+    def admin(self, config: Mapping[str, Any]) -> MemoryAdmin:
+        """An admin client."""
+        return MemoryAdmin(self.broker)
