@@ -250,6 +250,17 @@ def produce(
 
 
 @cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text", show_default=True)
+@click.pass_context
+def topology(ctx: click.Context, fmt: str) -> None:
+    """Draw the plugins and topics the installed plugins declare, and report loose ends."""
+    from kafkaworkers.topology import Topology
+
+    graph = Topology.of(_host(ctx).plugins.values())
+    click.echo({"text": graph.text, "mermaid": graph.mermaid, "dot": graph.dot}[fmt]())
+
+
+@cli.command()
 @click.option("--orders", "count", type=click.IntRange(1), default=200, show_default=True, help="Units of work.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds before giving up.")
