@@ -150,7 +150,12 @@ class KwTest:
 
     def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([KW, "run", "--plugin", "echo", "--group-id", self.group, *args], env=self.env(**env), stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [KW, "run", "--plugin", "echo", "--group-id", self.group, *args],
+            env=self.env(**env),
+            stdout=log,
+            stderr=log,
+        )
         self.procs.append(proc)
         return proc
 

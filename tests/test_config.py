@@ -26,7 +26,7 @@ def test_layers_apply_in_order_defaults_file_env_flags(tmp_path: Path) -> None:
 
 
 def test_pyproject_tool_table_is_read(tmp_path: Path) -> None:
-    (tmp_path / "pyproject.toml").write_text('[tool.kafkaworkers]\nmetrics-port = 9999\n')
+    (tmp_path / "pyproject.toml").write_text("[tool.kafkaworkers]\nmetrics-port = 9999\n")
     assert load_settings(environ={}, cwd=tmp_path).metrics_port == 9999
 
 

@@ -92,7 +92,9 @@ def install_dist(site: Path, entry_points: dict[str, str], modules: dict[str, st
     dist = site / "kwunit_plugins-2.0.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kwunit-plugins\nVersion: 2.0\n")
-    (dist / "entry_points.txt").write_text("[kafkaworkers]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    (dist / "entry_points.txt").write_text(
+        "[kafkaworkers]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    )
     for name, source in modules.items():
         (site / f"{name}.py").write_text(source)
 
@@ -127,5 +129,7 @@ def test_disabled_entry_points_are_not_loaded(tmp_path: Path, monkeypatch: pytes
 def test_a_plugin_that_fails_to_import_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     install_dist(tmp_path, {"kwu-broken": "kwu_broken:plugin"}, {"kwu_broken": "raise ImportError('no luck')\n"})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PluginError, match="plugin 'kwu-broken' from kwunit-plugins failed to import: ImportError: no luck"):
+    with pytest.raises(
+        PluginError, match="plugin 'kwu-broken' from kwunit-plugins failed to import: ImportError: no luck"
+    ):
         PluginHost().load_entry_points()

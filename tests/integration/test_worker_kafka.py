@@ -38,9 +38,7 @@ def test_worker_consumes_produces_commits_and_resumes_after_last_commit(kafka: K
     assert sorted(pong_numbers(kafka, kwtest, 150)) == list(range(150))
 
 
-def test_sigkill_between_handling_and_commit_redelivers_and_loses_nothing(
-    kafka: KafkaHelper, kwtest: KwTest
-) -> None:
+def test_sigkill_between_handling_and_commit_redelivers_and_loses_nothing(kafka: KafkaHelper, kwtest: KwTest) -> None:
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, pings(0, 300))
     killed = kwtest.start(KWTEST_KILL_AT="150")
