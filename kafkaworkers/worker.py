@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 #: stay in the source topic at the offset the headers name.
 DLQ_MAX_VALUE = 512 * 1024
 _MAX_REWIND_BACKOFF = 30.0
+_ERROR_LOG_INTERVAL = 10.0
 
 
 class _Route:
@@ -97,6 +98,7 @@ class PluginRunner:
         self.joined = False
         self._delivery_errors = 0
         self._rewind_backoff = 0.0
+        self._error_logged: dict[int, float] = {}
         self._produced: dict[str, int] = defaultdict(int)
         self._send = self._make_send()
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
@@ -292,7 +294,12 @@ class PluginRunner:
             return
         if err.fatal():
             raise BrokerUnavailable(f"{self.plugin.name}: fatal consumer error: {err.str()}")
-        log.warning("%s: consumer error: %s", self.plugin.name, err.str())
+        # librdkafka reports a broker outage on every poll until it recovers by itself:
+        # say it once per error kind and interval, not twice a second.
+        now = time.monotonic()
+        if now - self._error_logged.get(err.code(), -_ERROR_LOG_INTERVAL) >= _ERROR_LOG_INTERVAL:
+            self._error_logged[err.code()] = now
+            log.warning("%s: consumer error (librdkafka retries by itself): %s", self.plugin.name, err.str())
 
     # --- pausing, rewinding, storing -------------------------------------------------
 
