@@ -6,6 +6,7 @@ The seed's ``consumers/`` (a base, a factory). The loop that drives a consumer i
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ from kafkaworkers.transports import Consumer, Transport, transport_for
 __all__ = ["CONSUMER_DEFAULTS", "consumer_config", "create_consumer"]
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
+    # librdkafka's own log lines go through Python logging (and so into JSON logs).
+    "logger": logging.getLogger("kafkaworkers.librdkafka"),
     # A service that joins for the first time processes what is already waiting for it.
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",

@@ -3,6 +3,9 @@
 Library modules only call ``logging.getLogger(__name__)``; :func:`configure` is called by
 the CLI alone. The worker passes ``plugin``, ``topic``, ``partition``, ``offset`` and
 ``correlation_id`` as ``extra`` where it knows them, and the JSON format emits them.
+
+In JSON mode, Python warnings and uncaught exceptions (in any thread) are logged too, so a
+traceback arrives as one JSON line with an ``exception`` field instead of many text lines.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from types import TracebackType
 
 __all__ = ["JsonFormatter", "configure"]
 
@@ -33,6 +38,8 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
@@ -46,3 +53,26 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    json_mode = fmt == "json"
+    logging.captureWarnings(json_mode)
+    sys.excepthook = _log_uncaught if json_mode else sys.__excepthook__
+    threading.excepthook = _log_uncaught_in_thread if json_mode else threading.__excepthook__
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("kafkaworkers").critical("uncaught exception: %s", value, exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread else "?"
+    logging.getLogger("kafkaworkers").critical(
+        "uncaught exception in thread %s: %s",
+        name,
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )

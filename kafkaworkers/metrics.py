@@ -1,21 +1,37 @@
 """Prometheus metrics: the names ``/metrics`` serves and the per-plugin handles the loop uses.
 
 Label values are bounded (plugin, topic, partition, outcome, breaker names), never an id,
-key, offset or error text. The loop resolves every label child once, when a plugin starts
-or a partition is assigned, and updates counters once per batch.
+key, offset or error text. Every label child is resolved once and cached, and the loop
+updates counters once per batch, not per message.
+
+Consumer lag comes from librdkafka's own statistics: the worker sets
+``statistics.interval.ms`` and a ``stats_cb`` on each plugin's consumer, librdkafka calls it
+inside ``consume()`` (on the loop's thread) every interval, and :meth:`PluginMetrics.update_lag`
+copies each assigned partition's lag into ``kafkaworkers_consumer_lag``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Collection
+from typing import Any
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from kafkaworkers import __version__
+from kafkaworkers.breaker import STATE_VALUES, CircuitBreaker
 
-__all__ = ["OUTCOMES", "Metrics", "PluginMetrics"]
+__all__ = ["LAG_STATS_INTERVAL_MS", "OUTCOMES", "Metrics", "PluginMetrics", "consumer_lags"]
+
+log = logging.getLogger(__name__)
 
 OUTCOMES = ("ok", "retried", "dead_lettered")
+
+#: How often librdkafka reports statistics, hence how fresh ``kafkaworkers_consumer_lag`` is
+#: (a ``statistics.interval.ms`` set in ``[consumer]`` or ``[kafka]`` wins; 0 turns lag off).
+LAG_STATS_INTERVAL_MS = 2000
 
 _DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -75,7 +91,12 @@ class Metrics:
 
 
 class PluginMetrics:
-    """One plugin's metric children; topic children are resolved on first use and cached."""
+    """One plugin's metric children, each resolved on first use and cached.
+
+    Resolving a topic's handler-duration child (the worker does it when the plugin starts)
+    also creates the topic's consumed and handled counters at 0, so ``rate()`` and
+    ``increase()`` see the first message, retry or dead letter instead of a new series.
+    """
 
     def __init__(self, metrics: Metrics, plugin: str) -> None:
         self._m = metrics
@@ -83,26 +104,93 @@ class PluginMetrics:
         self.batch_size = metrics.batch_size.labels(plugin)
         self.assigned = metrics.assigned.labels(plugin)
         self.paused = metrics.paused.labels(plugin)
+        self._children: dict[tuple[object, ...], Any] = {}
+        self._lag_failed = False
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(plugin, *labels)``, looked up once: ``labels()`` takes a lock and validates."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.plugin, *labels)
+        return child
 
     def consumed(self, topic: str) -> Counter:
-        return self._m.consumed.labels(self.plugin, topic)
+        return self._child(self._m.consumed, topic)
 
     def handled(self, topic: str, outcome: str) -> Counter:
-        return self._m.handled.labels(self.plugin, topic, outcome)
+        return self._child(self._m.handled, topic, outcome)
 
     def produced(self, topic: str) -> Counter:
-        return self._m.produced.labels(self.plugin, topic)
+        return self._child(self._m.produced, topic)
 
     def duration(self, topic: str) -> Histogram:
-        return self._m.duration.labels(self.plugin, topic)
+        """The topic's handler-duration child; also creates its counters at 0 (see the class doc)."""
+        self.consumed(topic)
+        for outcome in OUTCOMES:
+            self.handled(topic, outcome)
+        return self._child(self._m.duration, topic)
 
     def lag(self, topic: str, partition: int) -> Gauge:
-        return self._m.lag.labels(self.plugin, topic, str(partition))
+        return self._child(self._m.lag, topic, str(partition))
 
     def forget_lag(self, topic: str, partition: int) -> None:
         """Drop a revoked partition's lag series so a scrape does not show a stale value."""
-        with contextlib.suppress(KeyError):
-            self._m.lag.remove(self.plugin, topic, str(partition))
+        if self._children.pop((self._m.lag, topic, str(partition)), None) is not None:
+            with contextlib.suppress(KeyError):
+                self._m.lag.remove(self.plugin, topic, str(partition))
 
-    def breaker_state(self, breaker: str) -> Gauge:
-        return self._m.breaker_state.labels(self.plugin, breaker)
+    def update_lag(self, stats: str | bytes, assignment: Collection[tuple[str, int]]) -> None:
+        """Set the lag of every assigned partition from one librdkafka statistics document.
+
+        Runs as the consumer's ``stats_cb``, inside ``consume()``: it never raises, since an
+        exception there would surface from ``consume()`` and stop the loop.
+        """
+        try:
+            for topic, partition, lag in consumer_lags(stats):
+                if (topic, partition) in assignment:
+                    self.lag(topic, partition).set(lag)
+        except Exception as exc:
+            if not self._lag_failed:
+                self._lag_failed = True
+                log.warning("%s: cannot read consumer lag from librdkafka statistics: %r", self.plugin, exc)
+
+    def watch_breaker(self, breaker: CircuitBreaker) -> None:
+        """Read the breaker's state at scrape time, so an idle plugin never shows a stale state."""
+        self._child(self._m.breaker_state, breaker.name).set_function(lambda: STATE_VALUES[breaker.state])
+
+
+class _PartitionStats(msgspec.Struct):
+    consumer_lag: int = -1
+    consumer_lag_stored: int = -1
+
+
+class _TopicStats(msgspec.Struct):
+    partitions: dict[str, _PartitionStats] = {}
+
+
+class _Stats(msgspec.Struct):
+    topics: dict[str, _TopicStats] = {}
+
+
+# Decoding into these few fields skips the rest of the (large) document without building it.
+_stats_decoder = msgspec.json.Decoder(_Stats)
+
+
+def consumer_lags(stats: str | bytes) -> list[tuple[str, int, int]]:
+    """(topic, partition, lag) of every partition whose lag librdkafka knows, from its statistics JSON.
+
+    The lag is ``consumer_lag_stored`` (high watermark minus the offset the loop stored after
+    finishing a message), else ``consumer_lag`` (minus the committed offset). The internal
+    partition -1 and partitions with no offset yet (lag -1) are left out.
+    """
+    out = []
+    for topic, topic_stats in _stats_decoder.decode(stats).topics.items():
+        for key, part in topic_stats.partitions.items():
+            partition = int(key)
+            if partition < 0:
+                continue
+            lag = part.consumer_lag_stored if part.consumer_lag_stored >= 0 else part.consumer_lag
+            if lag >= 0:
+                out.append((topic, partition, lag))
+    return out

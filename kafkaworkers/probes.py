@@ -2,11 +2,14 @@
 
 It runs in a daemon thread and only reads what the loop already keeps (a heartbeat
 timestamp, the join state, the metric registry), so a scrape never blocks or slows the
-consumer loop.
+consumer loop. Each connection gets its own thread and a read timeout, so a client that
+connects and never asks cannot hold the server either.
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +19,12 @@ from prometheus_client.exposition import choose_encoder
 
 __all__ = ["ProbeServer"]
 
+log = logging.getLogger(__name__)
+
 Check = Callable[[], tuple[bool, str]]
+
+#: Seconds a connection may take to send its request.
+_REQUEST_TIMEOUT = 10.0
 
 
 class ProbeServer:
@@ -33,8 +41,8 @@ class ProbeServer:
             (_Handler,),
             {"registry": registry, "checks": {"/livez": live, "/healthz": live, "/readyz": ready}},
         )
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        server_class = _Server6 if ":" in host else _Server
+        self._server = server_class((host, port), handler)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="kafkaworkers-http", daemon=True)
 
@@ -47,9 +55,24 @@ class ProbeServer:
         self._server.server_close()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A scraper that hung up mid-reply is no news: no traceback on stderr (it would break JSON logs)."""
+        log.debug("HTTP request from %s failed", client_address, exc_info=True)
+
+
+class _Server6(_Server):
+    """The same server on an IPv6 address (``--metrics-host ::`` listens on every address)."""
+
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     registry: CollectorRegistry
     checks: dict[str, Check]
+    timeout = _REQUEST_TIMEOUT
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -57,8 +80,13 @@ class _Handler(BaseHTTPRequestHandler):
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._reply(200, encoder(self.registry), content_type)
         elif path in self.checks:
-            ok, reason = self.checks[path]()
-            self._reply(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+            try:
+                ok, reason = self.checks[path]()
+            except Exception as exc:  # a probe must answer, not drop the connection
+                log.exception("%s check failed", path)
+                ok, reason = False, f"{path} check failed: {type(exc).__name__}: {exc}"
+            line = " ".join(reason.split()) + "\n"  # one line, whatever the reason says
+            self._reply(200 if ok else 503, line.encode(), "text/plain; charset=utf-8")
         else:
             self._reply(404, b"not found: try /metrics, /livez or /readyz\n", "text/plain; charset=utf-8")
 

@@ -6,6 +6,7 @@ producers are thread-safe and batch best when shared, so a process keeps one per
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,8 @@ __all__ = ["PRODUCER_DEFAULTS", "create_producer", "producer_config", "shared_pr
 
 #: Idempotent, fully acknowledged writes: at-least-once with no duplicates from client retries.
 PRODUCER_DEFAULTS: dict[str, Any] = {
+    # librdkafka's own log lines go through Python logging (and so into JSON logs).
+    "logger": logging.getLogger("kafkaworkers.librdkafka"),
     "acks": "all",
     "enable.idempotence": True,
     "linger.ms": 5,

@@ -28,11 +28,10 @@ import msgspec
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription, parse_headers
-from kafkaworkers.breaker import STATE_VALUES
 from kafkaworkers.config import Settings
 from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, DecodeError, PluginError
-from kafkaworkers.metrics import Metrics, PluginMetrics
+from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import shared_producer
 from kafkaworkers.retry import (
@@ -89,7 +88,7 @@ class PluginRunner:
         self.producer = producer
         self.metrics = metrics
         self.batch_size = settings.batch_size
-        self.consumer = create_consumer(settings, self.group, transport=transport)
+        self.consumer = create_consumer(settings, self.group, self._stats_config(settings), transport=transport)
         self.routes = {t: _Route(s, metrics) for t, s in plugin.subscriptions.items()}
         self.retry_topics = [retry_topic(self.group, i + 1) for i in range(len(plugin.retry.delays))]
         self.dlq = dlq_topic(self.group)
@@ -147,6 +146,22 @@ class PluginRunner:
         if self.metrics:
             self.metrics.assigned.set(len(self.assignment))
             self.metrics.paused.set(len(self.paused))
+
+    # --- consumer lag (librdkafka statistics) ------------------------------------------
+
+    def _stats_config(self, settings: Settings) -> dict[str, Any] | None:
+        """With metrics on: librdkafka's statistics every few seconds, to :meth:`_on_stats`."""
+        if self.metrics is None:
+            return None
+        config: dict[str, Any] = {"stats_cb": self._on_stats}
+        if "statistics.interval.ms" not in settings.consumer and "statistics.interval.ms" not in settings.kafka:
+            config["statistics.interval.ms"] = LAG_STATS_INTERVAL_MS
+        return config
+
+    def _on_stats(self, stats: str) -> None:
+        """librdkafka's statistics, delivered inside consume() on this thread: update the lag gauges."""
+        if self.metrics is not None:
+            self.metrics.update_lag(stats, self.assignment)
 
     def commit(self) -> None:
         """Commit the stored offsets now (revocation, shutdown)."""
@@ -362,8 +377,6 @@ class PluginRunner:
         for topic, count in self._produced.items():
             metrics.produced(topic).inc(count)
         self._produced.clear()
-        for name, breaker in self.plugin.breakers.items():
-            metrics.breaker_state(name).set(STATE_VALUES[breaker.state])
 
     # --- producing -------------------------------------------------------------------
 
@@ -467,6 +480,8 @@ class Worker:
             plugin_metrics = None
             if self.metrics is not None:
                 plugin_metrics = self.metrics.for_plugin(plugin.name)
+                for breaker in plugin.breakers.values():
+                    plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
             runner = PluginRunner(
                 plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics, self.settings.group_id
