@@ -101,10 +101,11 @@ def run(
     plugins = list(host.plugins.values()) if run_all else host.select(names)
     if not plugins:
         raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
-    metrics = Metrics()
+    # Port 0 turns the endpoint off, and with it the metrics' cost in the loop.
+    metrics = Metrics() if settings.metrics_port else None
     worker = Worker(plugins, settings, host, metrics=metrics)
     server = None
-    if settings.metrics_port:
+    if metrics is not None:
         try:
             server = ProbeServer(
                 settings.metrics_host,
