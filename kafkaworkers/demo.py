@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
-from kafkaworkers.transports import transport_for
+from kafkaworkers.transports import Producer, transport_for
 from kafkaworkers.worker import Worker
 
 __all__ = ["DemoReport", "DemoScenario", "run_demo"]
@@ -84,19 +84,15 @@ def run_demo(
         watcher = create_consumer(settings, f"kafkaworkers-demo-{uuid.uuid4().hex[:8]}", transport=transport)
         watcher.subscribe(scenario.watch)
         thread.start()
-        producer = create_producer(settings, transport=transport)
-        start = time.monotonic()
-        for topic, key, value, headers in scenario.generate(count, seed):
-            while True:
-                try:
-                    producer.produce(topic, value, key, headers=headers)
-                    break
-                except BufferError:
-                    producer.poll(0.1)
-        producer.flush(30)
-        deadline = start + timeout
         timed_out = False
         try:
+            # The clock starts once every group is joined: a real broker's join takes seconds
+            # that are no part of the pipeline's throughput or latency.
+            _wait_until(lambda: worker.ready[0] or not thread.is_alive(), time.monotonic() + timeout)
+            inputs = list(scenario.generate(count, seed))
+            start = time.monotonic()
+            _publish(create_producer(settings, transport=transport), inputs)
+            deadline = start + timeout
             while not scenario.finished():
                 if time.monotonic() > deadline:
                     timed_out = True
@@ -106,12 +102,31 @@ def run_demo(
                 for msg in watcher.consume(500, 0.2):
                     if msg.error() is None and msg.value() is not None:
                         scenario.observe(msg.topic(), msg.key(), msg.value(), msg.timestamp()[1])
-        finally:
             elapsed = time.monotonic() - start
+        finally:
             watcher.close()
             worker.stop()
             thread.join(30)
         return scenario.report(elapsed, timed_out)
+
+
+def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+    for topic, key, value, headers in inputs:
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    if producer.flush(30):
+        raise KafkaWorkersError("the demo's orders could not be delivered to the broker within 30 s")
+
+
+def _wait_until(condition: Callable[[], bool], deadline: float) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise KafkaWorkersError("the demo worker did not join its consumer groups in time")
+        time.sleep(0.05)
 
 
 def _replace(settings: Settings, **changes: Any) -> Settings:

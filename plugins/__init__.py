@@ -1,0 +1,1 @@
+"""The order pipeline's plugins (installed as ``kafkaworkers_orders``)."""

@@ -1,0 +1,270 @@
+"""notificacao: tells the customer, in Portuguese, what happened to their order.
+
+Every customer-facing event (order received, payment approved, declined or refunded,
+picking started or done, order cancelled) becomes one notification per configured channel.
+Later events carry no customer, so ``pedido-novo`` stores order id → customer in SQLite; an
+event that overtakes its order (another topic, another partition) raises
+:class:`~kafkaworkers.Retry` and comes back through ``notificacao-retry-<n>`` (1 s, 5 s, 30 s;
+then the dead-letter topic). SMTP and webhook sends go through the ``smtp`` and ``webhook``
+circuit breakers, so an outage pauses the partition instead of burning the retries.
+
+Delivery guarantee: at least once per channel, with a window of one message. Each
+(order, kind, channel) is *claimed* in a transaction (status ``sending``), then sent, then
+marked ``sent``. A redelivered event skips every channel already marked ``sent`` and resends
+only one still ``sending``: that happens only when the process died, or the send failed,
+between claim and mark. Recording only after sending duplicates on such a crash as well,
+and recording before sending while skipping ``sending`` rows loses the notification: one
+possible duplicate is the lesser harm, and the e-mail Message-ID and the webhook's
+``Idempotency-Key`` are stable per (order, kind), so a receiver can drop it.
+
+Settings (``[plugins.notificacao]``): ``channels`` (default ``["log"]``; also ``"smtp"``,
+``"webhook"``), ``smtp_host``, ``smtp_port`` (25), ``smtp_from``, ``smtp_starttls``,
+``smtp_user``, ``smtp_password`` (or the ``NOTIFICACAO_SMTP_PASSWORD`` environment variable),
+``webhook_url``, ``timeout`` (seconds per send, 10).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, Retry, RetryPolicy
+from kafkaworkers.errors import CircuitOpenError
+from kafkaworkers_orders.contracts import (
+    PEDIDO_CANCELADO,
+    PEDIDO_NOVO,
+    PROCESSO_PAGAMENTO,
+    PROCESSO_PICKING,
+    PedidoCancelado,
+    PedidoNovo,
+    ProcessoPagamento,
+    ProcessoPicking,
+)
+from kafkaworkers_orders.notificacao.channels import Channel, LogChannel, Notificacao, SmtpChannel, WebhookChannel
+from kafkaworkers_orders.store import Store
+
+__all__ = ["TEXTS", "plugin", "reais", "sent_counts"]
+
+plugin = Plugin(
+    "notificacao",
+    retry=RetryPolicy(delays=(1.0, 5.0, 30.0)),
+    description="Tells the customer what happened to the order (log, e-mail, webhook).",
+)
+# PermanentError is the recipient's answer, not the dependency failing: it must not open the breaker.
+_breakers = {
+    name: plugin.breaker(name, timeout=30.0, wait=30.0, ignore=(PermanentError,)) for name in ("smtp", "webhook")
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS clientes (
+    order_id TEXT PRIMARY KEY,
+    nome TEXT NOT NULL,
+    email TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS envios (
+    order_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('sending', 'sent')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (order_id, kind, channel)
+);
+"""
+
+#: Subject and body of each kind of notification; the body follows a greeting by name.
+TEXTS = {
+    "pedido_recebido": (
+        "Recebemos o seu pedido {order}",
+        "Recebemos o seu pedido {order}, no valor de {valor}. Vamos avisar você a cada etapa.",
+    ),
+    "pagamento_aprovado": (
+        "Pagamento aprovado: pedido {order}",
+        "O pagamento de {valor} do pedido {order} foi aprovado.",
+    ),
+    "pagamento_recusado": (
+        "Pagamento recusado: pedido {order}",
+        "O pagamento de {valor} do pedido {order} foi recusado{motivo}. Nenhum valor foi cobrado.",
+    ),
+    "estorno": (
+        "Estorno do pedido {order}",
+        "Estornamos {valor} referentes ao pedido {order}. O crédito aparece no seu cartão em até duas faturas.",
+    ),
+    "separacao_iniciada": ("Pedido {order} em separação", "Começamos a separar os itens do seu pedido {order}."),
+    "separacao_concluida": (
+        "Pedido {order} separado",
+        "Os itens do seu pedido {order} foram separados e logo seguem para a entrega.",
+    ),
+    "pedido_cancelado": (
+        "Pedido {order} cancelado",
+        "Infelizmente o seu pedido {order} foi cancelado porque {motivo}. Se algum valor foi cobrado,"
+        " ele será estornado.",
+    ),
+}
+PAYMENT_KINDS = {"aprovado": "pagamento_aprovado", "recusado": "pagamento_recusado", "estornado": "estorno"}
+PICKING_KINDS = {"iniciado": "separacao_iniciada", "concluido": "separacao_concluida"}
+#: Why an order was cancelled, in the customer's words.
+MOTIVOS = {
+    "fraude": "ele não foi aprovado na nossa análise de segurança",
+    "pagamento_recusado": "o pagamento foi recusado",
+    "sem_estoque": "um ou mais itens estão sem estoque",
+}
+
+
+@dataclass
+class _State:
+    store: Store
+    channels: list[Channel]
+
+
+_state: _State | None = None
+
+
+@plugin.on_start
+def start(env: PluginEnv) -> None:
+    global _state
+    _state = _State(Store(env.data_dir / "notificacao.sqlite3", SCHEMA), channels_from(env.config))
+    # Closed at start, as in a new process, even when this plugin object ran before (tests, embedding).
+    for breaker in _breakers.values():
+        breaker.reset()
+
+
+@plugin.on_stop
+def stop() -> None:
+    global _state
+    if _state is not None:
+        _state.store.close()
+        _state = None
+
+
+def channels_from(config: Mapping[str, Any]) -> list[Channel]:
+    """The channels ``[plugins.notificacao]`` asks for, each checked for the settings it needs."""
+    names = config.get("channels", ["log"])
+    if isinstance(names, str) or not names:
+        raise ConfigError('plugins.notificacao.channels must be a non-empty list, e.g. ["log", "smtp"]')
+    timeout = float(config.get("timeout", 10.0))
+    channels: list[Channel] = []
+    for name in names:
+        if name == "log":
+            channels.append(LogChannel())
+        elif name == "smtp":
+            if not config.get("smtp_host") or not config.get("smtp_from"):
+                raise ConfigError("the smtp channel needs plugins.notificacao.smtp_host and smtp_from")
+            channels.append(
+                SmtpChannel(
+                    host=config["smtp_host"],
+                    port=int(config.get("smtp_port", 25)),
+                    sender=config["smtp_from"],
+                    starttls=bool(config.get("smtp_starttls", False)),
+                    user=config.get("smtp_user"),
+                    password=config.get("smtp_password") or os.environ.get("NOTIFICACAO_SMTP_PASSWORD"),
+                    timeout=timeout,
+                )
+            )
+        elif name == "webhook":
+            if not config.get("webhook_url"):
+                raise ConfigError("the webhook channel needs plugins.notificacao.webhook_url")
+            channels.append(WebhookChannel(url=config["webhook_url"], timeout=timeout))
+        else:
+            raise ConfigError(f"unknown notificacao channel {name!r}; use log, smtp or webhook")
+    return channels
+
+
+def reais(cents: int) -> str:
+    """Brazilian currency format: 123456 → ``R$ 1.234,56``."""
+    return f"R$ {cents // 100:,}".replace(",", ".") + f",{cents % 100:02d}"
+
+
+@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
+def pedido_novo(pedido: PedidoNovo, ctx: Context) -> None:
+    with _require().store.transaction() as db:
+        db.execute(
+            "INSERT OR IGNORE INTO clientes (order_id, nome, email) VALUES (?, ?, ?)",
+            (pedido.order_id, pedido.cliente.nome, pedido.cliente.email),
+        )
+    _notify(pedido.order_id, "pedido_recebido", valor=reais(pedido.total_centavos))
+
+
+@plugin.consumes(PROCESSO_PAGAMENTO, ProcessoPagamento)
+def processo_pagamento(pagamento: ProcessoPagamento, ctx: Context) -> None:
+    motivo = f" ({pagamento.motivo})" if pagamento.motivo else ""
+    _notify(pagamento.order_id, PAYMENT_KINDS[pagamento.status], valor=reais(pagamento.valor_centavos), motivo=motivo)
+
+
+@plugin.consumes(PROCESSO_PICKING, ProcessoPicking)
+def processo_picking(picking: ProcessoPicking, ctx: Context) -> None:
+    _notify(picking.order_id, PICKING_KINDS[picking.status])
+
+
+@plugin.consumes(PEDIDO_CANCELADO, PedidoCancelado)
+def pedido_cancelado(cancelado: PedidoCancelado, ctx: Context) -> None:
+    _notify(cancelado.order_id, "pedido_cancelado", motivo=MOTIVOS[cancelado.motivo])
+
+
+def _notify(order_id: str, kind: str, **facts: str) -> None:
+    """Claim, send and mark one notification on every channel not yet marked sent for it."""
+    state = _require()
+    now = datetime.now(UTC).isoformat()
+    with state.store.transaction() as db:
+        cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
+        if cliente is None:
+            raise Retry("customer not known yet")
+        db.executemany(
+            "INSERT OR IGNORE INTO envios (order_id, kind, channel, status, updated_at) VALUES (?, ?, ?, 'sending', ?)",
+            [(order_id, kind, channel.name, now) for channel in state.channels],
+        )
+        db.execute(
+            "UPDATE envios SET attempts = attempts + 1, updated_at = ?"
+            " WHERE order_id = ? AND kind = ? AND status = 'sending'",
+            (now, order_id, kind),
+        )
+        pending = {
+            row[0]
+            for row in db.execute(
+                "SELECT channel FROM envios WHERE order_id = ? AND kind = ? AND status = 'sending'", (order_id, kind)
+            )
+        }
+    nome, email = cliente
+    assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
+    notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
+    errors: list[Exception] = []
+    for channel in state.channels:
+        if channel.name not in pending:
+            continue
+        try:
+            breaker = _breakers.get(channel.name)
+            if breaker is None:
+                channel.send(notificacao)
+            else:
+                breaker.call(channel.send, notificacao)
+        except Exception as exc:
+            # The other channels still get their chance; the failed one is redone on redelivery.
+            errors.append(exc)
+            continue
+        with state.store.transaction() as db:
+            db.execute(
+                "UPDATE envios SET status = 'sent', updated_at = ? WHERE order_id = ? AND kind = ? AND channel = ?",
+                (datetime.now(UTC).isoformat(), order_id, kind, channel.name),
+            )
+    if errors:
+        # An open breaker pauses the partition, a transient error retries, and only when every
+        # failure is permanent does the message go to the dead-letter topic.
+        raise min(errors, key=lambda e: (not isinstance(e, CircuitOpenError), isinstance(e, PermanentError)))
+
+
+def sent_counts(channel: str | None = None) -> dict[str, int]:
+    """Deliveries marked sent, per notification kind (one per channel; ``channel`` narrows to one)."""
+    sql = "SELECT kind, count(*) FROM envios WHERE status = 'sent'"
+    params: tuple[str, ...] = ()
+    if channel is not None:
+        sql, params = sql + " AND channel = ?", (channel,)
+    return dict(_require().store.db.execute(sql + " GROUP BY kind", params).fetchall())
+
+
+def _require() -> _State:
+    if _state is None:
+        raise RuntimeError("notificacao is not started")
+    return _state

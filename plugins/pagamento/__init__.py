@@ -1,0 +1,193 @@
+"""pagamento: charges each new order once, and refunds the charge once if the order is cancelled.
+
+Consumes ``pedido-novo`` and ``pedido-cancelado``, publishes ``processo-pagamento``. The
+gateway (:mod:`.gateway`; ``gateway = "simulated" | "http"`` in ``[plugins.pagamento]``) is
+called through the ``gateway`` circuit breaker, so an outage pauses the worker instead of
+burning retries. Declines are results, never exceptions, so they never trip the breaker.
+
+Exactly-once money movement rests on two keys. The gateway call cannot share a transaction
+with SQLite, so the charge's idempotency key is the order id (the refund's, the order id plus
+``:estorno``): a crash after the gateway charged but before ``cobranca`` recorded it charges
+nothing new on redelivery. Once recorded, a redelivered order re-publishes the recorded
+outcome, with the same event id, without calling the gateway.
+
+A cancellation can overtake its order (the topics are not ordered with each other); it is
+recorded, so the late order is never charged, and a charge that raced it is refunded.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, RetryPolicy
+from kafkaworkers.breaker import CircuitBreaker
+from kafkaworkers_orders.contracts import (
+    PEDIDO_CANCELADO,
+    PEDIDO_NOVO,
+    PROCESSO_PAGAMENTO,
+    PedidoCancelado,
+    PedidoNovo,
+    ProcessoPagamento,
+    event_id_for,
+)
+from kafkaworkers_orders.pagamento.gateway import Gateway, GatewayError, HttpGateway, SimulatedGateway
+from kafkaworkers_orders.store import Store
+
+__all__ = ["Cobrancas", "GatewayError", "cobrancas", "gateway_breaker", "plugin"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cobranca (
+    order_id TEXT PRIMARY KEY,
+    -- NULL: not charged, because the order was cancelled before it came.
+    status TEXT CHECK (status IN ('aprovado', 'recusado')),
+    transacao_id TEXT NOT NULL DEFAULT '',
+    motivo TEXT NOT NULL DEFAULT '',
+    valor INTEGER NOT NULL DEFAULT 0,
+    cancelado INTEGER NOT NULL DEFAULT 0,
+    estornado INTEGER NOT NULL DEFAULT 0
+);
+"""
+_COLUMNS = "order_id, status, transacao_id, motivo, valor, cancelado, estornado"
+
+
+class Cobranca(NamedTuple):
+    order_id: str
+    status: str | None
+    transacao_id: str
+    motivo: str
+    valor: int
+    cancelado: bool
+    estornado: bool
+
+
+class Cobrancas:
+    """The charges of every order, and the gateway that makes them."""
+
+    def __init__(self, store: Store, gateway: Gateway, breaker: CircuitBreaker) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.breaker = breaker
+
+    def cobrar(self, pedido: PedidoNovo) -> list[ProcessoPagamento]:
+        """Charge an order unless it was charged or cancelled; the events that say so."""
+        cobranca = self._get(pedido.order_id)
+        if cobranca is None:
+            result = self.breaker.call(self.gateway.charge, pedido.order_id, pedido.total_centavos, pedido.cartao)
+            # An upsert: a cancellation may have been recorded while the gateway was charging.
+            cobranca = self._write(
+                "INSERT INTO cobranca (order_id, status, transacao_id, motivo, valor) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+                " transacao_id = excluded.transacao_id, motivo = excluded.motivo, valor = excluded.valor",
+                (pedido.order_id, result.status, result.transacao_id, result.motivo, pedido.total_centavos),
+            )
+        if cobranca.status is None:
+            return []
+        return [_evento(cobranca, cobranca.status, cobranca.motivo), *self._estornar(cobranca)]
+
+    def cancelar(self, order_id: str) -> list[ProcessoPagamento]:
+        """Record an order's cancellation and refund its approved charge, once; the refund event."""
+        cobranca = self._write(
+            "INSERT INTO cobranca (order_id, cancelado) VALUES (?, 1)"
+            " ON CONFLICT (order_id) DO UPDATE SET cancelado = 1",
+            (order_id,),
+        )
+        return self._estornar(cobranca)
+
+    def close(self) -> None:
+        self.gateway.close()
+        self.store.close()
+
+    def _estornar(self, cobranca: Cobranca) -> list[ProcessoPagamento]:
+        if cobranca.status != "aprovado" or not cobranca.cancelado:
+            return []
+        if not cobranca.estornado:
+            key = f"{cobranca.order_id}:estorno"
+            self.breaker.call(self.gateway.refund, key, cobranca.transacao_id, cobranca.valor)
+            with self.store.transaction() as db:
+                db.execute("UPDATE cobranca SET estornado = 1 WHERE order_id = ?", (cobranca.order_id,))
+        return [_evento(cobranca, "estornado", "pedido cancelado")]
+
+    def _get(self, order_id: str) -> Cobranca | None:
+        row = self.store.db.execute(f"SELECT {_COLUMNS} FROM cobranca WHERE order_id = ?", (order_id,)).fetchone()
+        return Cobranca(*row) if row else None
+
+    def _write(self, sql: str, params: tuple[object, ...]) -> Cobranca:
+        """Run one upsert of an order's row; the row as it is now."""
+        with self.store.transaction() as db:
+            return Cobranca(*db.execute(f"{sql} RETURNING {_COLUMNS}", params).fetchone())
+
+
+def _evento(cobranca: Cobranca, status: str, motivo: str) -> ProcessoPagamento:
+    return ProcessoPagamento(
+        order_id=cobranca.order_id,
+        status=status,  # type: ignore[arg-type]
+        valor_centavos=cobranca.valor,
+        transacao_id=cobranca.transacao_id,
+        motivo=motivo,
+        event_id=event_id_for(cobranca.order_id, f"{PROCESSO_PAGAMENTO}:{status}"),
+    )
+
+
+plugin = Plugin(
+    "pagamento",
+    produces={PROCESSO_PAGAMENTO: ProcessoPagamento},
+    retry=RetryPolicy(delays=(1.0, 10.0, 60.0)),
+    description="Charges orders once through the gateway; refunds cancelled ones once.",
+)
+
+#: Opens after half of at least five recent calls failed; then probes the gateway every 30 s.
+gateway_breaker = plugin.breaker(
+    # A declined card returns normally and a rejected request (4xx) raises PermanentError:
+    # both are answers from a healthy gateway, so neither counts towards opening the breaker.
+    "gateway", failure_rate=0.5, window=20, min_calls=5, wait=30.0, probes=2, timeout=10.0, ignore=(PermanentError,)
+)
+
+_cobrancas: Cobrancas | None = None
+
+
+@plugin.on_start
+def start(env: PluginEnv) -> None:
+    global _cobrancas
+    config = env.config
+    timeout = float(config.get("gateway_timeout", 10.0))
+    gateway_breaker.timeout = timeout
+    # Start closed, as a new process would, even when this plugin object ran before.
+    gateway_breaker.reset()
+    kind = config.get("gateway", "simulated")
+    gateway: Gateway
+    if kind == "simulated":
+        gateway = SimulatedGateway(env.data_dir / "gateway.sqlite3", delay=2 * timeout)
+    elif kind == "http":
+        if not config.get("gateway_url") or not config.get("gateway_api_key"):
+            raise ConfigError('[plugins.pagamento] gateway = "http" needs gateway_url and gateway_api_key')
+        gateway = HttpGateway(config["gateway_url"], config["gateway_api_key"], timeout)
+    else:
+        raise ConfigError(f'[plugins.pagamento] gateway must be "simulated" or "http", not {kind!r}')
+    _cobrancas = Cobrancas(Store(env.data_dir / "pagamento.sqlite3", SCHEMA), gateway, gateway_breaker)
+
+
+@plugin.on_stop
+def stop() -> None:
+    global _cobrancas
+    if _cobrancas is not None:
+        _cobrancas.close()
+        _cobrancas = None
+
+
+def cobrancas() -> Cobrancas:
+    """The running plugin's charges (and, through ``.gateway``, its gateway)."""
+    if _cobrancas is None:
+        raise RuntimeError("pagamento is not started")
+    return _cobrancas
+
+
+@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
+def cobrar(pedido: PedidoNovo, ctx: Context) -> None:
+    for evento in cobrancas().cobrar(pedido):
+        ctx.produce(PROCESSO_PAGAMENTO, evento)
+
+
+@plugin.consumes(PEDIDO_CANCELADO, PedidoCancelado)
+def estornar(cancelado: PedidoCancelado, ctx: Context) -> None:
+    for evento in cobrancas().cancelar(cancelado.order_id):
+        ctx.produce(PROCESSO_PAGAMENTO, evento)
