@@ -81,7 +81,10 @@ class Context:
     @property
     def topic(self) -> str:
         """The topic the message was published to (the original one for a retried message)."""
-        return self.headers.get("kw-original-topic", b"").decode() or self._message.topic()
+        topic = self._message.topic()
+        if topic in self.plugin.subscriptions:
+            return topic
+        return self.headers.get("kw-original-topic", b"").decode("utf-8", "replace") or topic
 
     @property
     def partition(self) -> int:
@@ -111,7 +114,7 @@ class Context:
     def attempt(self) -> int:
         """1 on first delivery, 2 on the first retry, and so on."""
         raw = self.headers.get("kw-attempt")
-        return int(raw) + 1 if raw and raw.isdigit() else 1
+        return int(raw) + 1 if raw and raw.isdigit() and len(raw) <= 18 else 1
 
     @property
     def correlation_id(self) -> str | None:

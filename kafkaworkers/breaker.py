@@ -101,7 +101,7 @@ class CircuitBreaker:
         try:
             result = self._run(fn, args, kwargs)
         except self.ignore:
-            self._record(True)
+            self._record_ignored()
             raise
         except BaseException:
             self._record(False)
@@ -154,6 +154,13 @@ class CircuitBreaker:
             calls = len(self._outcomes)
             if calls >= self.min_calls and self._outcomes.count(False) / calls >= self.failure_rate:
                 self._open()
+
+    def _record_ignored(self) -> None:
+        """A business outcome: the dependency answered. A probe succeeded; otherwise no statistics."""
+        with self._lock:
+            half_open = self._state == HALF_OPEN
+        if half_open:
+            self._record(True)
 
     def _open(self) -> None:
         self._state = OPEN

@@ -17,56 +17,23 @@ import click
 import msgspec
 
 from kafkaworkers import __version__
-from kafkaworkers.config import Settings, load_settings
+from kafkaworkers.clikit import (
+    EXIT_ERROR,
+    OneLineErrors,
+    admin_config,
+    load_cli_settings,
+    plugin_host,
+    settings_options,
+)
+from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
-from kafkaworkers.logs import configure
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers.transports import MEMORY_URL, transport_for
 
-EXIT_ERROR = 1
 
-
-class _Cli(click.Group):
-    """A click group that turns kafkaworkers errors into one line on stderr."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except KafkaWorkersError as exc:
-            click.echo(f"kafkaworkers: error: {exc}", err=True)
-            ctx.exit(EXIT_ERROR)
-
-
-_settings_options = [
-    click.option("--bootstrap-servers", "-b", help="Kafka bootstrap servers [env KAFKAWORKERS_BOOTSTRAP_SERVERS]."),
-    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="A kafkaworkers.toml file."),
-    click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
-    click.option("--log-format", type=click.Choice(["text", "json"])),
-]
-
-
-def settings_options(fn: Any) -> Any:
-    """The options every broker-facing command shares."""
-    for option in reversed(_settings_options):
-        fn = option(fn)
-    return fn
-
-
-def _settings(config_file: str | None, **overrides: Any) -> Settings:
-    if overrides.get("log_level"):
-        overrides["log_level"] = overrides["log_level"].upper()
-    settings = load_settings(config_file, overrides)
-    configure(settings.log_level, settings.log_format)
-    return settings
-
-
-def _host(ctx: click.Context) -> PluginHost:
-    return ctx.find_root().obj
-
-
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kafkaworkers")
 def cli() -> None:
     """Run Kafka worker plugins with at-least-once delivery, retries, dead letters and metrics."""
@@ -94,10 +61,10 @@ def run(
     from kafkaworkers.probes import ProbeServer
     from kafkaworkers.worker import Worker
 
-    host = _host(ctx)
+    host = plugin_host(ctx)
     if bool(names) == run_all:
         raise click.UsageError("name plugins with --plugin NAME, or pass --all")
-    settings = _settings(config_file, **overrides)
+    settings = load_cli_settings(config_file, **overrides)
     plugins = list(host.plugins.values()) if run_all else host.select(names)
     if not plugins:
         raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
@@ -142,7 +109,7 @@ def run(
 @click.pass_context
 def plugins(ctx: click.Context, fmt: str) -> None:
     """List installed plugins: where each came from, what it consumes and produces."""
-    host = _host(ctx)
+    host = plugin_host(ctx)
     rows = []
     for name, plugin in sorted(host.plugins.items()):
         info = host.info(name)
@@ -183,14 +150,14 @@ def topics_create(
     ctx: click.Context, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
 ) -> None:
     """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent)."""
-    host = _host(ctx)
-    settings = _settings(config_file, **overrides)
+    host = plugin_host(ctx)
+    settings = load_cli_settings(config_file, **overrides)
     names: set[str] = set()
     for plugin in host.plugins.values():
         group = settings.group_id or plugin.name
         names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
         names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
-    admin = transport_for(settings.bootstrap_servers).admin(_admin_config(settings))
+    admin = transport_for(settings.bootstrap_servers).admin(admin_config(settings))
     result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])
     for name, status in sorted(result.items()):
         click.echo(f"{status:8} {name}")
@@ -209,8 +176,8 @@ def produce(
     ctx: click.Context, topic: str, source: Any, key_field: str | None, config_file: str | None, **overrides: Any
 ) -> None:
     """Publish JSON lines to TOPIC, each validated against the topic's declared type."""
-    host = _host(ctx)
-    settings = _settings(config_file, **overrides)
+    host = plugin_host(ctx)
+    settings = load_cli_settings(config_file, **overrides)
     typ = _topic_type(host, topic)
     decoder = msgspec.json.Decoder(typ)
     encoder = msgspec.json.Encoder()
@@ -257,7 +224,7 @@ def topology(ctx: click.Context, fmt: str) -> None:
     """Draw the plugins and topics the installed plugins declare, and report loose ends."""
     from kafkaworkers.topology import Topology
 
-    graph = Topology.of(_host(ctx).plugins.values())
+    graph = Topology.of(plugin_host(ctx).plugins.values())
     click.echo({"text": graph.text, "mermaid": graph.mermaid, "dot": graph.dot}[fmt]())
 
 
@@ -281,20 +248,16 @@ def demo(
     """Run the installed demo scenario end to end; exit non-zero if any outcome differs from the expected one."""
     from kafkaworkers.demo import run_demo
 
-    settings = _settings(
+    settings = load_cli_settings(
         None,
         bootstrap_servers=bootstrap_servers or f"{MEMORY_URL}demo",
         log_level=log_level or "WARNING",
         metrics_port=0,
     )
-    report = run_demo(_host(ctx), settings, count, seed, timeout)
+    report = run_demo(plugin_host(ctx), settings, count, seed, timeout)
     click.echo(json.dumps(report.data, indent=2, default=str) if fmt == "json" else report.text)
     if not report.ok:
         ctx.exit(EXIT_ERROR)
-
-
-def _admin_config(settings: Settings) -> dict[str, Any]:
-    return {**settings.kafka, "bootstrap.servers": settings.bootstrap_servers}
 
 
 def _topic_type(host: PluginHost, topic: str) -> type:
@@ -309,6 +272,9 @@ def _topic_type(host: PluginHost, topic: str) -> type:
 
 def _type_name(typ: type) -> str:
     return f"{typ.__module__}.{getattr(typ, '__qualname__', repr(typ))}"
+
+
+cli.add_command(dlq)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -133,7 +133,10 @@ def failure_headers(
 
 def bounded_text(error: BaseException) -> str:
     """The exception's message cut to :data:`MAX_ERROR_TEXT` characters, on one line."""
-    text = " ".join(str(error).split())
+    try:
+        text = " ".join(str(error).split())
+    except Exception:
+        text = f"<unprintable {type(error).__name__}>"
     return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
 
 

@@ -214,6 +214,10 @@ class PluginRunner:
                 if route is None:
                     blocked.add(tp)
                     continue
+                if route is _DEAD:
+                    first.setdefault(tp, offset)
+                    last[tp] = offset
+                    continue
             if tp not in first:
                 first[tp] = offset
             route.consumed += 1
@@ -223,7 +227,7 @@ class PluginRunner:
                     raise DecodeError("null value (tombstone): a message must carry a body")
                 try:
                     value = route.decoder.decode(raw)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, RecursionError) as exc:
                     raise DecodeError(f"not a valid {route.subscription.type.__name__}: {exc}") from None
                 start = perf()
                 route.handler(value, Context(plugin, msg, send))
@@ -246,8 +250,7 @@ class PluginRunner:
     def _retry_route(self, msg: Message, tp: tuple[str, int], offset: int) -> _Route | None:
         """The route of a message from a retry topic, or ``None`` after pausing until it is due."""
         headers = parse_headers(msg.headers())
-        due = headers.get(H_DUE, b"0")
-        wait = (int(due) if due.isdigit() else 0) / 1000 - time.time()
+        wait = _number(headers.get(H_DUE)) / 1000 - time.time()
         if wait > 0:
             self._pause(tp, offset, time.monotonic() + wait, None)
             return None
@@ -257,14 +260,17 @@ class PluginRunner:
             # The plugin no longer consumes the original topic: nothing can handle it.
             route = next(iter(self.routes.values()))
             self._fail(route, msg, tp, PluginError(f"no handler for original topic {original!r}"))
-            return None
+            return _DEAD
         return route
 
     def _fail(self, route: _Route, msg: Message, tp: tuple[str, int], error: Exception) -> None:
         """Re-publish a failed message to its retry topic or the dead-letter topic."""
         from_retry = tp[0] not in self.routes
         source = parse_headers(msg.headers())
-        attempt = int(source.get(H_ATTEMPT, b"0") or 0) + 1 if from_retry else 1
+        if not from_retry:
+            # kw- bookkeeping on a main topic was copied or forged: the origin is this message.
+            source = {k: v for k, v in source.items() if not k.startswith("kw-") or k == "kw-correlation-id"}
+        attempt = _number(source.get(H_ATTEMPT)) + 1 if from_retry else 1
         decision = self.plugin.retry.decide(error, attempt)
         due_ms = int((time.time() + decision.delay) * 1000) if decision.action == "retry" else None
         headers = failure_headers(
@@ -553,6 +559,14 @@ class Worker:
                 )  # fmt: skip
         if wanted:
             self._admin.create_topics(wanted)
+
+
+_DEAD: Any = object()  # a retry message that was dead-lettered at once: done, like a handled one
+
+
+def _number(raw: bytes | None) -> int:
+    """A non-negative integer header (attempt, due time); 0 when absent or not a sane number."""
+    return int(raw) if raw and raw.isdigit() and len(raw) <= 18 else 0
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:

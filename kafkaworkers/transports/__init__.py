@@ -83,8 +83,11 @@ class Producer(Protocol):
 class Admin(Protocol):
     """Topic administration, reduced to what ``kafkaworkers topics`` needs."""
 
-    def create_topics(self, topics: Sequence[tuple[str, int, int]]) -> dict[str, str]:
-        """Create (name, partitions, replication) topics; map each name to "created" or "exists"."""
+    def create_topics(
+        self, topics: Sequence[tuple[str, int, int]], config: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """Create (name, partitions, replication) topics with topic ``config`` (e.g. compaction);
+        map each name to "created" or "exists"."""
         ...
 
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:

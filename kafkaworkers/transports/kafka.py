@@ -54,7 +54,9 @@ class KafkaAdmin:
             ) from None
         return {name: len(t.partitions) for name, t in metadata.topics.items() if not name.startswith("__")}
 
-    def create_topics(self, topics: Sequence[tuple[str, int, int]], timeout: float = 30.0) -> dict[str, str]:
+    def create_topics(
+        self, topics: Sequence[tuple[str, int, int]], config: Mapping[str, str] | None = None, timeout: float = 30.0
+    ) -> dict[str, str]:
         existing = self.list_topics()
         result: dict[str, str] = {}
         wanted = []
@@ -62,7 +64,9 @@ class KafkaAdmin:
             if name in existing:
                 result[name] = "exists"
             else:
-                wanted.append(NewTopic(name, num_partitions=partitions, replication_factor=replication))
+                wanted.append(
+                    NewTopic(name, num_partitions=partitions, replication_factor=replication, config=dict(config or {}))
+                )
         if not wanted:
             return result
         for name, future in self._client.create_topics(wanted, operation_timeout=timeout).items():

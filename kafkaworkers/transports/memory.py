@@ -593,8 +593,10 @@ class MemoryAdmin:
     def __init__(self, broker: MemoryBroker) -> None:
         self._broker = broker
 
-    def create_topics(self, topics: Sequence[tuple[str, int, int]]) -> dict[str, str]:
-        """Create (name, partitions, replication) topics; map each name to "created"/"exists"."""
+    def create_topics(self, topics: Sequence[tuple[str, int, int]],
+                      config: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Create (name, partitions, replication) topics; map each name to "created"/"exists".
+        Topic ``config`` (retention, compaction) has no meaning here and is ignored."""
         return {name: "created" if self._broker.create_topic(name, partitions) else "exists"
                 for name, partitions, _replication in topics}
 

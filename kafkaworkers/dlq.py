@@ -1,0 +1,708 @@
+"""Dead-letter tooling: ``kafkaworkers dlq list | show | replay``.
+
+A plugin's dead letters sit in ``<group>-dlq`` (:func:`~kafkaworkers.retry.dlq_topic`),
+each a copy of the failed message with ``kw-*`` headers naming where it came from and why
+it failed (:func:`~kafkaworkers.retry.failure_headers`). These commands let an operator see
+what died and, once the cause is fixed, send it back.
+
+Reading
+    A throwaway consumer is *assigned* every partition of the topic at its beginning and
+    reads up to the high watermarks taken when it started, then stops: it never joins a
+    group and never commits, so reading changes nothing and never competes with a worker.
+
+Replaying
+    A dead letter is re-published to the topic it originally came from
+    (``kw-original-topic``), on its original partition when that still exists, with the same
+    key and value. Its own headers are kept (and ``kw-correlation-id``); every other
+    ``kw-*`` failure header is dropped, so the worker handles it as a first attempt. Two
+    audit headers are added: ``kw-replayed-from`` (``<dlq topic>:<partition>:<offset>``) and
+    ``kw-replayed-at`` (epoch milliseconds).
+
+    Note that the original topic is shared: every consumer group reading it (not only the
+    plugin whose dead letter it was) sees the replayed message again. Handlers are
+    at-least-once, so they must tolerate that; the header ``kw-replayed-from`` tells them.
+    A dead letter cut by the worker (``kw-value-truncated``) is never replayed, since its
+    value is incomplete; the original is in the source topic at the offset its headers name.
+
+The replay ledger: why a compacted topic
+    Replaying twice must not deliver twice, so each replay is recorded in
+    ``<group>-dlq-replayed``, a compacted topic keyed by ``<dlq topic>:<partition>:<offset>``
+    whose value says when and where the letter went (JSON). It is read in full before
+    replaying, created on first use, and written only after the replayed copies were
+    acknowledged (idempotent producer, ``acks=all``, flush).
+
+    It lives in Kafka because the dead letters do: every operator and host sees the same
+    ledger, it is as durable and as access-controlled as the DLQ itself, and compaction keeps
+    it at one record per replayed letter forever. A local file would be per machine; a
+    consumer-group offset on the DLQ is a single position, which cannot record selective
+    replays (``--filter-exception``, ``--since``) that leave holes behind. A Kafka
+    transaction around the replays and the ledger would make replay exactly-once but would
+    tie it to a transactional id and to ``read_committed`` consumers; the order used here is
+    at-least-once instead: a crash after the replays were acknowledged and before the ledger
+    was written replays those letters once more on the next run. A tombstone for a key in the
+    ledger makes that letter eligible again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import time
+import unicodedata
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+
+from kafkaworkers.api import CORRELATION_HEADER
+from kafkaworkers.clikit import OneLineErrors, admin_config, load_cli_settings, plugin_host, settings_options
+from kafkaworkers.config import Settings
+from kafkaworkers.consumer import consumer_config
+from kafkaworkers.errors import BrokerUnavailable, KafkaWorkersError, PluginError
+from kafkaworkers.plugins import PluginHost
+from kafkaworkers.producer import create_producer
+from kafkaworkers.retry import H_EXCEPTION, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC, dlq_topic
+from kafkaworkers.transports import Transport, transport_for
+
+__all__ = [
+    "H_REPLAYED_AT",
+    "H_REPLAYED_FROM",
+    "DeadLetter",
+    "ReplayReport",
+    "dlq",
+    "ledger_topic",
+    "read_dead_letters",
+    "replay",
+]
+
+H_REPLAYED_FROM = "kw-replayed-from"
+H_REPLAYED_AT = "kw-replayed-at"
+H_TRUNCATED = "kw-value-truncated"
+
+#: Seconds a read may go without receiving anything before the broker is declared unreachable.
+READ_TIMEOUT = 60.0
+_METADATA_TIMEOUT = 10.0
+
+
+def ledger_topic(group: str) -> str:
+    """The compacted topic recording which of a group's dead letters were replayed."""
+    return f"{group}-dlq-replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One record read from a dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @property
+    def ref(self) -> str:
+        """``<dlq topic>:<partition>:<offset>``: the letter's identity in the replay ledger."""
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name``; ``None`` when absent."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value if value is not None else b""
+        return found
+
+    @property
+    def original_topic(self) -> str | None:
+        """The topic the message was first consumed from, if the headers name a valid one."""
+        raw = self.header(H_ORIGINAL_TOPIC)
+        try:
+            return raw.decode() if raw else None
+        except UnicodeDecodeError:
+            return None
+
+    @property
+    def original_partition(self) -> int | None:
+        raw = self.header(H_ORIGINAL_PARTITION)
+        return int(raw) if raw and raw.isdigit() else None
+
+    @property
+    def exception(self) -> str:
+        """The failure's exception type as the worker recorded it (``?`` if it did not)."""
+        raw = self.header(H_EXCEPTION)
+        return raw.decode("utf-8", "backslashreplace") if raw else "?"
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the worker stored only the start of an oversized value."""
+        return self.header(H_TRUNCATED) is not None
+
+    def to_dict(self, max_value: int = 0) -> dict[str, Any]:
+        """A JSON-ready view: bytes decoded as UTF-8, anything else backslash-escaped."""
+        value = self.value
+        cut = max_value > 0 and value is not None and len(value) > max_value
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": _iso(self.timestamp_ms),
+            "timestamp_ms": self.timestamp_ms,
+            "key": _text(self.key),
+            "headers": [[name, _text(v)] for name, v in self.headers],
+            "value": _text(value[:max_value] if cut and value is not None else value),
+            "value_bytes": None if value is None else len(value),
+            "value_cut": cut,
+        }
+
+
+def read_dead_letters(
+    settings: Settings,
+    topic: str,
+    *,
+    transport: Transport | None = None,
+    partitions: int | None = None,
+    timeout: float = READ_TIMEOUT,
+) -> Iterator[DeadLetter]:
+    """Every record of ``topic`` from its beginning to the high watermarks seen at the start.
+
+    :param partitions: the topic's partition count, if known; looked up otherwise, and a
+        missing topic yields nothing.
+    :raises BrokerUnavailable: the broker cannot be reached, or sent nothing for ``timeout`` seconds.
+    """
+    transport = transport or transport_for(settings.bootstrap_servers)
+    if partitions is None:
+        partitions = _list_topics(settings, transport).get(topic, 0)
+    if not partitions:
+        return
+    config = consumer_config(
+        settings,
+        f"kafkaworkers-dlq-reader-{uuid.uuid4().hex}",
+        {"enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest"},
+    )
+    consumer = transport.consumer(config)
+    try:
+        ends: dict[int, int] = {}
+        for p in range(partitions):
+            low, high = _watermarks(consumer, TopicPartition(topic, p))
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return
+        assign = getattr(consumer, "assign", None)
+        if assign is not None:
+            assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(ends)])
+        else:
+            # The in-memory consumer has no assign(); a fresh group reading from the
+            # beginning is the same thing there.
+            consumer.subscribe([topic])
+        deadline = time.monotonic() + timeout
+        while ends:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(
+                    f"reading {topic} stalled: nothing received for {timeout:.0f} s;"
+                    f" partitions {sorted(ends)} not read to their end"
+                )
+            batch = consumer.consume(500, 0.5)
+            if batch:
+                deadline = time.monotonic() + timeout
+            for msg in batch:
+                err = msg.error()
+                partition = msg.partition()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        ends.pop(partition, None)
+                    elif err.fatal():
+                        raise BrokerUnavailable(f"cannot read {topic}: {err.str()}")
+                    continue
+                end = ends.get(partition)
+                if end is None:
+                    continue
+                if msg.offset() < end:
+                    yield _letter(msg)
+                if msg.offset() >= end - 1:
+                    del ends[partition]
+            if not batch and ends:
+                # Compaction and control records leave gaps: no record may sit at high - 1.
+                for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                    if tp.offset >= ends[tp.partition]:
+                        del ends[tp.partition]
+    finally:
+        consumer.close()
+
+
+def _letter(msg: Any) -> DeadLetter:
+    return DeadLetter(
+        topic=msg.topic(),
+        partition=msg.partition(),
+        offset=msg.offset(),
+        timestamp_ms=msg.timestamp()[1],
+        key=msg.key(),
+        value=msg.value(),
+        headers=tuple(msg.headers() or ()),
+    )
+
+
+# --- the replay ledger ---------------------------------------------------------------
+
+
+def read_ledger(
+    settings: Settings, group: str, *, transport: Transport | None = None, partitions: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """The group's replayed letters: ref -> what the ledger recorded (latest record wins)."""
+    ledger: dict[str, dict[str, Any]] = {}
+    for record in read_dead_letters(settings, ledger_topic(group), transport=transport, partitions=partitions):
+        if record.key is None:
+            continue
+        ref = record.key.decode("utf-8", "replace")
+        if record.value is None:
+            ledger.pop(ref, None)  # a tombstone: the letter may be replayed again
+            continue
+        try:
+            entry = json.loads(record.value)
+        except ValueError:
+            entry = {}
+        ledger[ref] = entry if isinstance(entry, dict) else {}
+    return ledger
+
+
+def _already_replayed(letter: DeadLetter, ledger: dict[str, dict[str, Any]]) -> bool:
+    entry = ledger.get(letter.ref)
+    if entry is None:
+        return False
+    # A DLQ deleted and created again reuses offsets: a ledger entry of the old topic has
+    # another timestamp and must not hide a new letter.
+    recorded = entry.get("dlq_timestamp_ms")
+    return recorded is None or recorded == letter.timestamp_ms
+
+
+def _ensure_ledger(settings: Settings, transport: Transport, topics: dict[str, int], name: str) -> None:
+    if name not in topics:
+        # -1: the broker's default replication factor, like the worker's own topics.
+        transport.admin(admin_config(settings)).create_topics([(name, 1, -1)], config={"cleanup.policy": "compact"})
+
+
+# --- replay --------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    """What a replay found and did."""
+
+    dlq_topic: str
+    group: str
+    matched: int = 0
+    replayed: int = 0
+    already_replayed: int = 0
+    unroutable: int = 0
+    truncated: int = 0
+    over_limit: int = 0
+    failed: int = 0
+    unrecorded: int = 0
+    dry_run: bool = False
+    planned: list[tuple[DeadLetter, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "dlq_topic": self.dlq_topic,
+            "dry_run": self.dry_run,
+            "matched": self.matched,
+            "replayed": self.replayed,
+            "would_replay": len(self.planned) if self.dry_run else 0,
+            "skipped_already_replayed": self.already_replayed,
+            "skipped_unroutable": self.unroutable,
+            "skipped_truncated": self.truncated,
+            "skipped_over_limit": self.over_limit,
+            "failed": self.failed,
+            "unrecorded": self.unrecorded,
+        }
+
+
+def replay(
+    settings: Settings,
+    group: str,
+    *,
+    exception: str | None = None,
+    since_ms: int | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
+    transport: Transport | None = None,
+) -> ReplayReport:
+    """Re-publish a group's dead letters to their original topics, each at most once.
+
+    :param exception: only letters whose ``kw-exception`` is this type (full or last dotted name).
+    :param since_ms: only letters dead-lettered at or after this time (epoch milliseconds).
+    :param limit: replay at most this many.
+    :param dry_run: find and count only; publish and record nothing.
+    """
+    transport = transport or transport_for(settings.bootstrap_servers)
+    topics = _list_topics(settings, transport)
+    source = dlq_topic(group)
+    ledger_name = ledger_topic(group)
+    report = ReplayReport(source, group, dry_run=dry_run)
+    ledger = read_ledger(settings, group, transport=transport, partitions=topics.get(ledger_name, 0))
+    for letter in read_dead_letters(settings, source, transport=transport, partitions=topics.get(source, 0)):
+        if exception is not None and not _exception_matches(letter.exception, exception):
+            continue
+        if since_ms is not None and letter.timestamp_ms < since_ms:
+            continue
+        report.matched += 1
+        target = letter.original_topic
+        if _already_replayed(letter, ledger):
+            report.already_replayed += 1
+        elif target is None or target not in topics:
+            report.unroutable += 1
+        elif letter.truncated:
+            report.truncated += 1
+        elif limit is not None and len(report.planned) >= limit:
+            report.over_limit += 1
+        else:
+            report.planned.append((letter, target))
+    if dry_run or not report.planned:
+        return report
+
+    _ensure_ledger(settings, transport, topics, ledger_name)
+    producer = create_producer(settings, transport=transport)
+    acked: list[tuple[DeadLetter, str]] = []
+    failed: list[str] = []
+    now_ms = int(time.time() * 1000)
+    for letter, target in report.planned:
+        partition = letter.original_partition
+        if partition is None or partition >= topics[target]:
+            partition = -1
+
+        def delivered(err: Any, msg: Any, letter: DeadLetter = letter) -> None:
+            if err is None:
+                acked.append((letter, f"{msg.topic()}:{msg.partition()}:{msg.offset()}"))
+            else:
+                failed.append(err.str())
+
+        _produce(producer, target, letter.value, letter.key, replay_headers(letter, now_ms), delivered, partition)
+    _flush(producer)
+    report.replayed = len(acked)
+    report.failed = len(report.planned) - len(acked)
+
+    recorded: list[str] = []
+    ledger_failed: list[str] = []
+
+    def noted(err: Any, msg: Any) -> None:
+        if err is None:
+            recorded.append(msg.key())
+        else:
+            ledger_failed.append(err.str())
+
+    for letter, where in acked:
+        entry = {"replayed_at_ms": now_ms, "to": where, "dlq_timestamp_ms": letter.timestamp_ms,
+                 "exception": letter.exception}  # fmt: skip
+        _produce(producer, ledger_name, json.dumps(entry).encode(), letter.ref.encode(), [], noted, -1)
+    _flush(producer)
+    report.unrecorded = len(acked) - len(recorded)
+    if report.failed or report.unrecorded:
+        reasons = "; ".join(sorted(set(failed + ledger_failed))[:3]) or "not acknowledged in time"
+        raise ReplayIncomplete(report, reasons)
+    return report
+
+
+class ReplayIncomplete(BrokerUnavailable):
+    """Some replayed copies, or their ledger records, were not acknowledged."""
+
+    def __init__(self, report: ReplayReport, reasons: str) -> None:
+        super().__init__(
+            f"replay of {report.dlq_topic} incomplete: {report.replayed} replayed, {report.failed} not delivered,"
+            f" {report.unrecorded} replayed but not recorded in {ledger_topic(report.group)} ({reasons});"
+            " run the replay again once the broker is healthy (unrecorded letters will be replayed again)"
+        )
+        self.report = report
+
+
+def replay_headers(letter: DeadLetter, now_ms: int) -> list[tuple[str, bytes | None]]:
+    """The replayed copy's headers: the message's own, its correlation id, and the audit pair."""
+    kept = [(k, v) for k, v in letter.headers if not k.startswith("kw-") or k == CORRELATION_HEADER]
+    return [*kept, (H_REPLAYED_FROM, letter.ref.encode()), (H_REPLAYED_AT, str(now_ms).encode())]
+
+
+def _exception_matches(recorded: str, wanted: str) -> bool:
+    return recorded == wanted or recorded.rsplit(".", 1)[-1] == wanted
+
+
+def _produce(producer: Any, topic: str, value: bytes | None, key: bytes | None, headers: list[Any],
+             on_delivery: Any, partition: int) -> None:  # fmt: skip
+    while True:
+        try:
+            producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery, headers=headers or None)
+            break
+        except BufferError:
+            producer.poll(0.1)
+    producer.poll(0)
+
+
+def _flush(producer: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while producer.flush(1.0) > 0 and time.monotonic() < deadline:
+        pass
+
+
+# --- helpers -------------------------------------------------------------------------
+
+
+def _list_topics(settings: Settings, transport: Transport) -> dict[str, int]:
+    return transport.admin(admin_config(settings)).list_topics(timeout=_METADATA_TIMEOUT)
+
+
+def _watermarks(consumer: Any, tp: TopicPartition) -> tuple[int, int]:
+    """A partition's low and high watermarks, asking again while its leader is being elected."""
+    deadline = time.monotonic() + _METADATA_TIMEOUT
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=_METADATA_TIMEOUT)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                where = f"{tp.topic}[{tp.partition}]"
+                raise BrokerUnavailable(f"cannot read the offsets of {where}: {_reason(exc)}") from None
+            time.sleep(0.2)
+
+
+def _reason(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return err.str() if isinstance(err, KafkaError) else str(exc)
+
+
+def _text(raw: bytes | None) -> str | None:
+    """Bytes as text: UTF-8 where valid, ``\\xNN`` escapes where not."""
+    return None if raw is None else raw.decode("utf-8", "backslashreplace")
+
+
+def _printable(raw: bytes | None, limit: int = 0) -> str:
+    """Bytes safe to print on a terminal: also control and format characters escaped."""
+    if raw is None:
+        return "(null)"
+    text = (raw[:limit] if limit > 0 else raw).decode("utf-8", "backslashreplace")
+    out = "".join(
+        ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+    if limit > 0 and len(raw) > limit:
+        out += f"… ({len(raw)} bytes, first {limit} shown)"
+    return out
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Time(click.ParamType):
+    """ISO-8601 (naive means UTC) or epoch milliseconds."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.isdigit():
+            return int(text)
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{text!r} is neither ISO-8601 (2024-05-01T12:00:00Z) nor epoch milliseconds", param, ctx)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+
+
+def _groups(host: PluginHost, settings: Settings, name: str | None) -> list[tuple[str, str]]:
+    """(plugin, consumer group) pairs the command is about: the named plugin, or all of them."""
+    plugins = [p.name for p in host.select([name])] if name is not None else sorted(host.plugins)
+    if not plugins:
+        raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
+    if settings.group_id and len(plugins) > 1:
+        raise PluginError("--group-id names one group; pass --plugin NAME as well")
+    return [(plugin, settings.group_id or plugin) for plugin in plugins]
+
+
+_plugin_option = click.option("--plugin", "-p", "plugin", help="Only this plugin's dead letters.")
+_plugin_required = click.option("--plugin", "-p", "plugin", required=True, help="The plugin whose dead letters to use.")
+_group_option = click.option("--group-id", help="The plugin's consumer group, if it runs with --group-id.")
+_format_option = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+
+
+# --- commands ------------------------------------------------------------------------
+
+
+@click.group("dlq", cls=OneLineErrors)
+def dlq() -> None:
+    """Inspect and replay the plugins' dead-letter topics."""
+
+
+@dlq.command("list")
+@_plugin_option
+@_group_option
+@_format_option
+@settings_options
+@click.pass_context
+def dlq_list(
+    ctx: click.Context, plugin: str | None, group_id: str | None, fmt: str, config_file: str | None, **overrides: Any
+) -> None:
+    """Count dead letters per plugin and original topic: oldest, newest, and by exception type."""
+    settings = load_cli_settings(config_file, group_id=group_id, **overrides)
+    transport = transport_for(settings.bootstrap_servers)
+    topics = _list_topics(settings, transport)
+    rows = []
+    for name, group in _groups(plugin_host(ctx), settings, plugin):
+        source = dlq_topic(group)
+        ledger = read_ledger(settings, group, transport=transport, partitions=topics.get(ledger_topic(group), 0))
+        per_topic: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"count": 0, "oldest_ms": None, "newest_ms": None, "exceptions": Counter()}
+        )
+        total = replayed = 0
+        for letter in read_dead_letters(settings, source, transport=transport, partitions=topics.get(source, 0)):
+            total += 1
+            replayed += _already_replayed(letter, ledger)
+            row = per_topic[letter.original_topic or _text(letter.header(H_ORIGINAL_TOPIC)) or "?"]
+            row["count"] += 1
+            row["exceptions"][letter.exception] += 1
+            ts = letter.timestamp_ms
+            row["oldest_ms"] = ts if row["oldest_ms"] is None else min(row["oldest_ms"], ts)
+            row["newest_ms"] = ts if row["newest_ms"] is None else max(row["newest_ms"], ts)
+        rows.append(
+            {
+                "plugin": name,
+                "group": group,
+                "dlq_topic": source,
+                "exists": source in topics,
+                "dead": total,
+                "replayed": replayed,
+                "topics": [
+                    {
+                        "topic": topic,
+                        "dead": row["count"],
+                        "oldest": _iso(row["oldest_ms"]),
+                        "newest": _iso(row["newest_ms"]),
+                        "exceptions": dict(row["exceptions"].most_common()),
+                    }
+                    for topic, row in sorted(per_topic.items())
+                ],
+            }
+        )
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        if not row["dead"]:
+            missing = "" if row["exists"] else " (the topic does not exist yet)"
+            click.echo(f"{row['plugin']}: no dead letters in {row['dlq_topic']}{missing}")
+            continue
+        click.echo(f"{row['plugin']}: {row['dead']} dead letter(s) in {row['dlq_topic']}, {row['replayed']} replayed")
+        for t in row["topics"]:
+            click.echo(f"  {_printable(t['topic'].encode())}: {t['dead']}, oldest {t['oldest']}, newest {t['newest']}")
+            for exc, count in t["exceptions"].items():
+                click.echo(f"    {count:>8}  {_printable(exc.encode())}")
+
+
+@dlq.command("show")
+@_plugin_required
+@_group_option
+@click.option("--limit", "-n", type=click.IntRange(1), default=20, show_default=True, help="How many, oldest first.")
+@click.option("--max-bytes", type=click.IntRange(0), default=4096, show_default=True,
+              help="Cut each value after this many bytes; 0 shows it whole.")  # fmt: skip
+@_format_option
+@settings_options
+@click.pass_context
+def dlq_show(
+    ctx: click.Context,
+    plugin: str | None,
+    group_id: str | None,
+    limit: int,
+    max_bytes: int,
+    fmt: str,
+    config_file: str | None,
+    **overrides: Any,
+) -> None:
+    """Print dead letters with their headers and values (non-UTF-8 bytes escaped)."""
+    settings = load_cli_settings(config_file, group_id=group_id, **overrides)
+    [(_, group)] = _groups(plugin_host(ctx), settings, plugin)
+    transport = transport_for(settings.bootstrap_servers)
+    topics = _list_topics(settings, transport)
+    source = dlq_topic(group)
+    ledger = read_ledger(settings, group, transport=transport, partitions=topics.get(ledger_topic(group), 0))
+    letters = heapq.nsmallest(
+        limit,
+        read_dead_letters(settings, source, transport=transport, partitions=topics.get(source, 0)),
+        key=lambda d: (d.timestamp_ms, d.partition, d.offset),
+    )
+    if fmt == "json":
+        click.echo(
+            json.dumps([{**d.to_dict(max_bytes), "replayed": _already_replayed(d, ledger)} for d in letters], indent=2)
+        )
+        return
+    if not letters:
+        click.echo(f"no dead letters in {source}")
+    for d in letters:
+        mark = "  (replayed)" if _already_replayed(d, ledger) else ""
+        click.echo(f"{d.ref}  {_iso(d.timestamp_ms)}  key={_printable(d.key, 256)}{mark}")
+        for name, value in d.headers:
+            click.echo(f"  {_printable(name.encode())}: {_printable(value, 1024)}")
+        size = "null" if d.value is None else f"{len(d.value)} bytes"
+        click.echo(f"  value ({size}): {_printable(d.value, max_bytes)}")
+
+
+@dlq.command("replay")
+@_plugin_required
+@_group_option
+@click.option("--filter-exception", "exception", metavar="TYPE",
+              help="Only letters that failed with this exception type (full or last dotted name).")  # fmt: skip
+@click.option(
+    "--since", "since_ms", type=_Time(), help="Only letters dead-lettered at or after TIME (ISO-8601 or epoch ms)."
+)
+@click.option("--limit", "-n", type=click.IntRange(1), help="Replay at most this many.")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed; publish nothing.")
+@_format_option
+@settings_options
+@click.pass_context
+def dlq_replay(
+    ctx: click.Context,
+    plugin: str | None,
+    group_id: str | None,
+    exception: str | None,
+    since_ms: int | None,
+    limit: int | None,
+    dry_run: bool,
+    fmt: str,
+    config_file: str | None,
+    **overrides: Any,
+) -> None:
+    """Re-publish dead letters to their original topics as first attempts, each at most once."""
+    settings = load_cli_settings(config_file, group_id=group_id, **overrides)
+    [(_, group)] = _groups(plugin_host(ctx), settings, plugin)
+    try:
+        report = replay(settings, group, exception=exception, since_ms=since_ms, limit=limit, dry_run=dry_run)
+    except ReplayIncomplete as exc:
+        _print_report(exc.report, fmt)
+        raise
+    _print_report(report, fmt)
+
+
+def _print_report(report: ReplayReport, fmt: str) -> None:
+    counts = report.counts()
+    if fmt == "json":
+        if report.dry_run:
+            counts["planned"] = [
+                {"from": d.ref, "to": target, "exception": d.exception} for d, target in report.planned
+            ]
+        click.echo(json.dumps(counts, indent=2))
+        return
+    if report.dry_run:
+        for letter, target in report.planned:
+            click.echo(f"would replay {letter.ref} -> {_printable(target.encode())}  ({letter.exception})")
+    done = f"{len(report.planned)} would be replayed" if report.dry_run else f"{report.replayed} replayed"
+    click.echo(
+        f"{report.dlq_topic}: {report.matched} matched, {done}, {report.already_replayed} skipped as already replayed,"
+        f" {report.unroutable} unroutable, {report.truncated} truncated, {report.over_limit} over --limit"
+        + (f", {report.failed} failed" if report.failed else "")
+    )

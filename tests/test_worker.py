@@ -1,0 +1,388 @@
+"""The worker loop's failure handling on the in-memory broker, through the test Harness.
+
+What a handler failure turns into (a retry topic, the dead-letter topic, a paused
+partition), when offsets are stored (only after the handler returned and every produced
+message was acknowledged), and that poison input never takes the loop down. The Harness runs
+the real loop step by step; the plugins are small ones defined here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+from confluent_kafka import OFFSET_INVALID, TopicPartition
+
+from kafkaworkers import Context, PermanentError, Plugin, RetryPolicy
+from kafkaworkers.breaker import CLOSED
+from kafkaworkers.retry import (
+    H_ATTEMPT,
+    H_DUE,
+    H_EXCEPTION,
+    H_FIRST_FAILURE,
+    H_LAST_FAILURE,
+    H_MESSAGE,
+    H_ORIGINAL_OFFSET,
+    H_ORIGINAL_PARTITION,
+    H_ORIGINAL_TIMESTAMP,
+    H_ORIGINAL_TOPIC,
+    H_PLUGIN,
+    MAX_ERROR_TEXT,
+)
+from kafkaworkers.testing import Harness
+from kafkaworkers.worker import Worker
+
+MakeHarness = Callable[..., Harness]
+DECODE_ERROR = b"kafkaworkers.errors.DecodeError"
+
+
+class Ping(msgspec.Struct, frozen=True):
+    n: int
+
+
+class Crash(BaseException):
+    """Stands for the process dying mid-batch: nothing in the loop catches it."""
+
+
+def headers(record: Any) -> dict[str, bytes]:
+    return dict(record.headers() or [])
+
+
+def committed(harness: Harness, group: str, topic: str, partition: int = 0) -> int:
+    """The group's committed offset (``OFFSET_INVALID`` when none), as the broker has it."""
+    reader = harness.transport.consumer({"group.id": group})
+    return reader.committed([TopicPartition(topic, partition)])[0].offset
+
+
+def produce_raw(harness: Harness, topic: str, value: bytes | None, key: bytes = b"k", hdrs: Any = None) -> None:
+    """Publish exact bytes (or a null value), as any other client could."""
+    producer = harness.transport.producer({})
+    producer.produce(topic, value, key, headers=hdrs)
+    producer.flush()
+
+
+def flaky(failures: int, retries: int, delay: float = 0.05) -> tuple[Plugin, list[tuple[int, int]]]:
+    """Fails with a retryable error on its first ``failures`` attempts, then echoes to ``out``."""
+    plugin = Plugin("flaky", produces={"out": Ping}, retry=RetryPolicy(delays=(delay,) * retries, jitter=0.0))
+    calls: list[tuple[int, int]] = []
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        calls.append((ping.n, ctx.attempt))
+        assert ctx.topic == "in", "a retried message must report its original topic"
+        if ctx.attempt <= failures:
+            raise ConnectionError(f"dependency down (attempt {ctx.attempt})\n" + "detail " * 200)
+        ctx.produce("out", ping)
+
+    return plugin, calls
+
+
+# --- retries and dead letters ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_handler_failing_k_times_is_retried_once_per_retry_topic_then_succeeds(
+    kafkaworkers_harness: MakeHarness, k: int
+) -> None:
+    plugin, calls = flaky(failures=k, retries=3)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.produce("in", Ping(7), key="order-7")
+    harness.run_until_idle(wait_for_retries=True)
+
+    assert calls == [(7, attempt) for attempt in range(1, k + 2)]
+    for level in (1, 2, 3):
+        on_level = harness.records(f"flaky-retry-{level}")
+        assert len(on_level) == (1 if level <= k else 0), f"retry topic {level}"
+        if on_level:
+            assert headers(on_level[0])[H_ATTEMPT] == str(level).encode()
+            assert on_level[0].key() == b"order-7"
+    assert harness.records("flaky-dlq") == []
+    assert harness.values("out", Ping) == [Ping(7)]
+    assert committed(harness, "flaky", "in") == 1
+    for level in range(1, k + 1):
+        assert committed(harness, "flaky", f"flaky-retry-{level}") == 1
+
+
+def test_a_handler_failing_beyond_the_limit_is_dead_lettered_with_origin_attempts_and_reason(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin, calls = flaky(failures=10, retries=2)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.produce("in", Ping(1), key="order-1")  # offset 0, handled normally below
+    harness.produce("in", Ping(2), key="order-2", headers={"kw-correlation-id": b"corr-2", "trace": b"\xff\x00"})
+    before = int(time.time() * 1000)
+    harness.run_until_idle(wait_for_retries=True)
+
+    assert [c for c in calls if c[0] == 2] == [(2, 1), (2, 2), (2, 3)]
+    [original] = [r for r in harness.records("in") if r.key() == b"order-2"]
+    [dead] = [r for r in harness.records("flaky-dlq") if r.key() == b"order-2"]
+    h = headers(dead)
+    assert dead.value() == original.value()
+    assert h[H_ORIGINAL_TOPIC] == b"in"
+    assert h[H_ORIGINAL_PARTITION] == str(original.partition()).encode()
+    assert h[H_ORIGINAL_OFFSET] == str(original.offset()).encode()
+    assert h[H_ORIGINAL_TIMESTAMP] == str(original.timestamp()[1]).encode()
+    assert h[H_PLUGIN] == b"flaky"
+    assert h[H_ATTEMPT] == b"3"
+    assert h[H_EXCEPTION] == b"ConnectionError"
+    message = h[H_MESSAGE].decode()
+    assert message.startswith("dependency down (attempt 3) detail")
+    assert len(message) <= MAX_ERROR_TEXT and "\n" not in message
+    assert before <= int(h[H_FIRST_FAILURE]) <= int(h[H_LAST_FAILURE])
+    assert H_DUE not in h
+    assert h["kw-correlation-id"] == b"corr-2"
+    assert h["trace"] == b"\xff\x00"
+    assert len(harness.records("flaky-retry-1")) == len(harness.records("flaky-retry-2")) == 2
+    assert committed(harness, "flaky", "in") == 2
+
+
+def test_a_permanent_error_is_dead_lettered_on_the_first_attempt_without_retries(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("strict", retry=RetryPolicy(delays=(0.05, 0.05), jitter=0.0))
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        raise PermanentError(f"order {ping.n} cannot be processed")
+
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.produce("in", Ping(3))
+    harness.run_until_idle(wait_for_retries=True)
+    [dead] = harness.records("strict-dlq")
+    assert headers(dead)[H_ATTEMPT] == b"1"
+    assert headers(dead)[H_EXCEPTION] == b"kafkaworkers.errors.PermanentError"
+    assert harness.records("strict-retry-1") == []
+
+
+def test_a_retry_not_yet_due_pauses_only_its_retry_partition_while_the_main_partition_flows(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("slow", retry=RetryPolicy(delays=(1.0,), jitter=0.0))
+    log: list[tuple[int, int, int]] = []
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        log.append((ping.n, ctx.attempt, int(time.time() * 1000)))
+        if ping.n == 1 and ctx.attempt == 1:
+            raise TimeoutError("inventory service slow")
+
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    runner = harness.worker.runners[0]
+    harness.produce("in", Ping(1), key="same-key")
+    harness.run_until_idle()
+    assert set(runner.paused) == {("slow-retry-1", 0)}, "only the retry partition waits"
+
+    harness.produce("in", Ping(2), key="same-key")
+    harness.run_until_idle()
+    assert [(n, a) for n, a, _ in log] == [(1, 1), (2, 1)], "the later main-topic message went first"
+    assert set(runner.paused) == {("slow-retry-1", 0)}
+
+    harness.run_until_idle(wait_for_retries=True)
+    assert [(n, a) for n, a, _ in log] == [(1, 1), (2, 1), (1, 2)]
+    [retry] = harness.records("slow-retry-1")
+    assert log[-1][2] >= int(headers(retry)[H_DUE]), "the retry was handled before it was due"
+    assert runner.paused == {}
+    assert committed(harness, "slow", "slow-retry-1") == 1
+
+
+POISON = {
+    "invalid-utf8": b"\xff\xfe\xfd",
+    "invalid-json": b'{"n": 1',
+    "wrong-shape": b'{"n": "seven"}',
+    "wrong-type": b"[1, 2, 3]",
+    "missing-field": b"{}",
+    "json-null": b"null",
+    "nan": b'{"n": NaN}',
+    "huge-int": b'{"n": ' + b"9" * 100_000 + b"}",
+    "deep-nesting": b"[" * 10_000 + b"]" * 10_000,
+    "deep-nesting-in-unknown-field": b'{"n": 1, "extra": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    "tombstone": None,
+}
+
+
+@pytest.mark.parametrize("value", list(POISON.values()), ids=list(POISON))
+def test_undecodable_input_is_dead_lettered_on_the_first_attempt_with_decode_error(
+    kafkaworkers_harness: MakeHarness, value: bytes | None
+) -> None:
+    plugin, calls = flaky(failures=0, retries=2)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.produce("in", Ping(1))
+    produce_raw(harness, "in", value)
+    harness.produce("in", Ping(2))
+    harness.run_until_idle(wait_for_retries=True)
+
+    assert calls == [(1, 1), (2, 1)], "the messages around the poison one were handled"
+    [dead] = harness.records("flaky-dlq")
+    h = headers(dead)
+    assert (h[H_EXCEPTION], h[H_ATTEMPT]) == (DECODE_ERROR, b"1")
+    assert h[H_MESSAGE], "the reason is recorded"
+    assert harness.records("flaky-retry-1") == []
+    assert committed(harness, "flaky", "in") == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(H_ATTEMPT, b"x"), (H_ATTEMPT, b"\xff\xfe"), (H_ATTEMPT, b"9" * 5000), (H_DUE, b"9" * 5000)],
+    ids=["attempt-not-a-number", "attempt-not-utf8", "attempt-5000-digits", "due-at-5000-digits"],
+)
+def test_garbage_failure_headers_on_a_retry_topic_do_not_crash_the_worker(
+    kafkaworkers_harness: MakeHarness, bad: tuple[str, bytes]
+) -> None:
+    """Retry topics are ordinary topics: anything may be written to them."""
+    plugin, calls = flaky(failures=0, retries=1)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    produce_raw(harness, "flaky-retry-1", b"not json", hdrs=[(H_ORIGINAL_TOPIC, b"in"), bad])
+    produce_raw(harness, "flaky-retry-1", b'{"n": 5}', hdrs=[(H_ORIGINAL_TOPIC, b"in"), (H_ATTEMPT, b"1")])
+    harness.run_until_idle(timeout=5)
+    assert calls == [(5, 2)]
+    assert len(harness.records("flaky-dlq")) == 1
+
+
+def test_a_retry_message_whose_original_topic_is_not_consumed_is_dead_lettered_and_the_rest_still_handled(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    """The plugin stopped consuming a topic while retries of it were in flight: that letter has
+    no handler, but the messages behind it on the same retry partition must still be handled."""
+    plugin, calls = flaky(failures=0, retries=1)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    produce_raw(harness, "flaky-retry-1", b'{"n": 1}', hdrs=[(H_ORIGINAL_TOPIC, b"gone"), (H_ATTEMPT, b"1")])
+    produce_raw(harness, "flaky-retry-1", b'{"n": 2}', hdrs=[(H_ORIGINAL_TOPIC, b"in"), (H_ATTEMPT, b"1")])
+    harness.run_until_idle()
+    produce_raw(harness, "flaky-retry-1", b'{"n": 3}', hdrs=[(H_ORIGINAL_TOPIC, b"in"), (H_ATTEMPT, b"1")])
+    harness.run_until_idle()
+
+    [dead] = harness.records("flaky-dlq")
+    assert headers(dead)[H_EXCEPTION] == b"kafkaworkers.errors.PluginError"
+    assert [n for n, _ in calls] == [2, 3], "n=2 was skipped although its offset is now committed: lost"
+    assert committed(harness, "flaky", "flaky-retry-1") == 3
+
+
+def test_a_main_topic_message_carrying_origin_headers_is_dead_lettered_with_its_real_origin(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    """Origin headers are the worker's own bookkeeping on its retry topics; on a main topic they
+    were copied or forged by some producer and must not redirect the dead letter (nor a replay)."""
+    plugin, _ = flaky(failures=0, retries=1)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    forged = [(H_ORIGINAL_TOPIC, b"elsewhere"), (H_ORIGINAL_OFFSET, b"999"), (H_FIRST_FAILURE, b"1")]
+    produce_raw(harness, "in", b"not json", hdrs=forged)
+    harness.run_until_idle()
+    [dead] = harness.records("flaky-dlq")
+    h = headers(dead)
+    assert (h[H_ORIGINAL_TOPIC], h[H_ORIGINAL_OFFSET]) == (b"in", b"0")
+    assert int(h[H_FIRST_FAILURE]) > 1
+
+
+# --- delivery failures, breakers, offsets ------------------------------------------------
+
+
+def echo(name: str = "echo", fail_with: BaseException | None = None) -> tuple[Plugin, list[int]]:
+    plugin = Plugin(name, produces={"out": Ping}, retry=RetryPolicy(delays=(0.05,), jitter=0.0))
+    calls: list[int] = []
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        calls.append(ping.n)
+        if fail_with is not None:
+            raise fail_with
+        ctx.produce("out", ping)
+
+    return plugin, calls
+
+
+@pytest.mark.parametrize(
+    ("failing_topic", "fail_with", "lands_on"),
+    [("out", None, "out"), ("echo-dlq", PermanentError("bad order"), "echo-dlq")],
+    ids=["handler-output", "dead-letter"],
+)
+def test_a_failed_delivery_stores_no_offset_and_the_batch_is_handled_again(
+    kafkaworkers_harness: MakeHarness, failing_topic: str, fail_with: BaseException | None, lands_on: str
+) -> None:
+    plugin, calls = echo(fail_with=fail_with)
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.broker.fail_deliveries(failing_topic, 1)
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(2))
+
+    assert harness.worker.run_once(timeout=0.5) == 2
+    assert calls == [1, 2]
+    assert len(harness.records(lands_on)) == 1, "one of the two deliveries failed"
+    harness.worker.run_once(timeout=0.01)
+    assert committed(harness, "echo", "in") == OFFSET_INVALID, "an offset was stored although a delivery failed"
+    assert ("in", 0) in harness.worker.runners[0].paused
+
+    harness.run_until_idle(wait_for_retries=True)
+    assert calls == [1, 2, 1, 2], "the whole batch is handled again"
+    assert len(harness.records(lands_on)) == 3, "nothing lost (at-least-once: the acknowledged one twice)"
+    assert committed(harness, "echo", "in") == 2
+
+
+def test_an_open_breaker_pauses_the_partition_without_retry_or_dead_letter_and_resumes_after_its_wait(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("guarded", retry=RetryPolicy(delays=(0.05,), jitter=0.0))
+    breaker = plugin.breaker("stock-api", wait=0.3, window=1, min_calls=1, failure_rate=1.0, probes=1, timeout=2.0)
+    reached: list[tuple[int, float]] = []
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        breaker.call(lambda: reached.append((ping.n, time.monotonic())))
+
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    breaker.force_open()
+    opened_at = time.monotonic()
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(2))
+    harness.run_until_idle()
+
+    runner = harness.worker.runners[0]
+    assert reached == []
+    assert set(runner.paused) == {("in", 0)}
+    assert committed(harness, "guarded", "in") == OFFSET_INVALID
+
+    harness.run_until_idle(wait_for_retries=True)
+    assert [n for n, _ in reached] == [1, 2], "both handled, in order, once the breaker let a probe through"
+    assert reached[0][1] >= opened_at + 0.3
+    assert breaker.state == CLOSED
+    assert harness.records("guarded-retry-1") == [] and harness.records("guarded-dlq") == []
+    assert committed(harness, "guarded", "in") == 2
+
+
+def test_offsets_are_stored_only_after_the_handler_returned_and_its_output_was_acknowledged(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("ordered", produces={"out": Ping})
+    calls: list[int] = []
+    crash_at = {2}
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        calls.append(ping.n)
+        ctx.produce("out", ping)
+        if ping.n in crash_at:
+            crash_at.clear()
+            raise Crash("the process dies after producing, before the flush")
+
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    for n in range(5):
+        harness.produce("in", Ping(n))
+    with pytest.raises(Crash):
+        harness.run_until_idle()
+    assert calls == [0, 1, 2]
+    harness.worker.close()
+    assert committed(harness, "ordered", "in") == OFFSET_INVALID, "handled but unflushed work was committed"
+
+    restarted = Worker(list(harness.host.plugins.values()), harness.settings, harness.host, transport=harness.transport)
+    restarted.start(broker_wait=0)
+    try:
+        while restarted.run_once(timeout=0.05):
+            pass
+        restarted.run_once(timeout=0.01)
+    finally:
+        restarted.close()
+    assert calls == [0, 1, 2, 0, 1, 2, 3, 4], "the uncommitted batch is handled again after the restart"
+    assert sorted(p.n for p in harness.values("out", Ping)) == [0, 0, 1, 1, 2, 2, 3, 4]
+    assert committed(harness, "ordered", "in") == 5
