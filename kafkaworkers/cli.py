@@ -154,7 +154,7 @@ def topics_create(
     settings = load_cli_settings(config_file, **overrides)
     names: set[str] = set()
     for plugin in host.plugins.values():
-        group = settings.group_id or plugin.name
+        group = settings.group_for(plugin.name)
         names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
         names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
     admin = transport_for(settings.bootstrap_servers).admin(admin_config(settings))

@@ -30,6 +30,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     bootstrap_servers: str = "localhost:9092"
     group_id: str | None = None
+    group_prefix: str = ""
     data_dir: str = "data"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -50,6 +51,10 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     __str__ = __repr__
+
+    def group_for(self, plugin: str) -> str:
+        """The consumer group of a plugin: ``group_id`` if set, else ``group_prefix`` + its name."""
+        return self.group_id or self.group_prefix + plugin
 
     def plugin_config(self, name: str) -> dict[str, Any]:
         """A plugin's own ``[plugins.<name>]`` table."""

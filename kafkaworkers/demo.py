@@ -24,7 +24,7 @@ from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
-from kafkaworkers.transports import Producer, transport_for
+from kafkaworkers.transports import Producer, TopicPartition, Transport, transport_for
 from kafkaworkers.worker import Worker
 
 __all__ = ["DemoReport", "DemoScenario", "run_demo"]
@@ -78,10 +78,15 @@ def run_demo(
     admin.create_topics([(t, partitions, 1) for t in topics])
 
     with tempfile.TemporaryDirectory(prefix="kafkaworkers-demo-") as data_dir:
-        settings = _replace(settings, data_dir=data_dir)
+        # Fresh groups that start at the end of every topic: on a shared broker the demo
+        # neither replays old history nor takes work away from the real services' groups.
+        settings = _replace(settings, data_dir=data_dir, group_prefix=f"demo-{uuid.uuid4().hex[:8]}-")
+        watch_group = settings.group_for("watcher")
+        groups = {settings.group_for(p.name): list(p.subscriptions) for p in plugins}
+        _start_at_end(settings, transport, {**groups, watch_group: scenario.watch}, admin.list_topics())
         worker = Worker(plugins, settings, host, transport=transport)
         thread = threading.Thread(target=worker.run, name="kafkaworkers-demo-worker", daemon=True)
-        watcher = create_consumer(settings, f"kafkaworkers-demo-{uuid.uuid4().hex[:8]}", transport=transport)
+        watcher = create_consumer(settings, watch_group, transport=transport)
         watcher.subscribe(scenario.watch)
         thread.start()
         timed_out = False
@@ -108,6 +113,24 @@ def run_demo(
             worker.stop()
             thread.join(30)
         return scenario.report(elapsed, timed_out)
+
+
+def _start_at_end(
+    settings: Settings, transport: Transport, groups: dict[str, list[str]], partitions: dict[str, int]
+) -> None:
+    """Commit each group's offsets at the current end of its topics."""
+    for group, topics in groups.items():
+        consumer = create_consumer(settings, group, transport=transport)
+        try:
+            ends = []
+            for topic in topics:
+                for p in range(partitions.get(topic, 0)):
+                    high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    ends.append(TopicPartition(topic, p, high))
+            if ends:
+                consumer.commit(offsets=ends, asynchronous=False)
+        finally:
+            consumer.close()
 
 
 def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:

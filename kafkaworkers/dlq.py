@@ -523,7 +523,7 @@ def _groups(host: PluginHost, settings: Settings, name: str | None) -> list[tupl
         raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
     if settings.group_id and len(plugins) > 1:
         raise PluginError("--group-id names one group; pass --plugin NAME as well")
-    return [(plugin, settings.group_id or plugin) for plugin in plugins]
+    return [(plugin, settings.group_for(plugin)) for plugin in plugins]
 
 
 _plugin_option = click.option("--plugin", "-p", "plugin", help="Only this plugin's dead letters.")

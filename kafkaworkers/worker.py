@@ -80,10 +80,9 @@ class PluginRunner:
         producer: Producer,
         transport: Transport,
         metrics: PluginMetrics | None,
-        group_id: str | None = None,
     ) -> None:
         self.plugin = plugin
-        self.group = group_id or plugin.name
+        self.group = settings.group_for(plugin.name)
         self.host = host
         self.producer = producer
         self.metrics = metrics
@@ -490,7 +489,7 @@ class Worker:
                     plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
             runner = PluginRunner(
-                plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics, self.settings.group_id
+                plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics
             )
             self.runners.append(runner)
         self._ensure_internal_topics()
