@@ -96,15 +96,21 @@ class CircuitBreaker:
             return self._clock()
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call ``fn`` through the breaker; raise :class:`CircuitOpenError` if it is open."""
+        """Call ``fn`` through the breaker; raise :class:`CircuitOpenError` if it is open.
+
+        A failure that opens the breaker (the one that trips it, or a failed probe) also
+        raises :class:`CircuitOpenError`, chained to the real error: the message was not at
+        fault, so the worker pauses and tries it again, instead of spending one of its retries.
+        """
         self._before()
         try:
             result = self._run(fn, args, kwargs)
         except self.ignore:
             self._record_ignored()
             raise
-        except BaseException:
-            self._record(False)
+        except Exception as exc:
+            if self._record(False):
+                raise CircuitOpenError(self.name, self.retry_at()) from exc
             raise
         self._record(True)
         return result
@@ -137,23 +143,25 @@ class CircuitBreaker:
                     raise CircuitOpenError(self.name, self._clock() + min(self.wait, 0.5))
                 self._probes_started += 1
 
-    def _record(self, ok: bool) -> None:
+    def _record(self, ok: bool) -> bool:
+        """Count an outcome; whether the breaker is open after it."""
         with self._lock:
             if self._state == HALF_OPEN:
                 if not ok:
                     self._open()
-                    return
+                    return True
                 self._probes_ok += 1
                 if self._probes_ok >= self.probes:
                     self._state = CLOSED
                     self._outcomes.clear()
-                return
+                return False
             if self._state == OPEN:
-                return
+                return True
             self._outcomes.append(ok)
             calls = len(self._outcomes)
             if calls >= self.min_calls and self._outcomes.count(False) / calls >= self.failure_rate:
                 self._open()
+            return self._state == OPEN
 
     def _record_ignored(self) -> None:
         """A business outcome: the dependency answered. A probe succeeded; otherwise no statistics."""

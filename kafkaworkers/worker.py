@@ -87,13 +87,21 @@ class PluginRunner:
         self.producer = producer
         self.metrics = metrics
         self.batch_size = settings.batch_size
-        self.consumer = create_consumer(settings, self.group, self._stats_config(settings), transport=transport)
         self.routes = {t: _Route(s, metrics) for t, s in plugin.subscriptions.items()}
         self.retry_topics = [retry_topic(self.group, i + 1) for i in range(len(plugin.retry.delays))]
         self.dlq = dlq_topic(self.group)
+        stats = self._stats_config(settings)
+        self.consumer = create_consumer(settings, self.group, stats, transport=transport)
+        # Retry topics get a consumer (and group) of their own: sticky assignment balances the
+        # partition count over all subscribed topics, so with one consumer a second process
+        # could end up holding only retry partitions and scaling out would add no parallelism.
+        self.retry_consumer = (
+            create_consumer(settings, f"{self.group}-retry", stats, transport=transport) if self.retry_topics else None
+        )
+        self.consumers = [c for c in (self.consumer, self.retry_consumer) if c is not None]
         self.assignment: set[tuple[str, int]] = set()
         self.paused: dict[tuple[str, int], float] = {}
-        self.joined = False
+        self._joined: set[int] = set()
         self._delivery_errors = 0
         self._rewind_backoff = 0.0
         self._error_logged: dict[int, float] = {}
@@ -106,15 +114,18 @@ class PluginRunner:
     # --- group membership ------------------------------------------------------------
 
     def subscribe(self) -> None:
-        self.consumer.subscribe(
-            [*self.routes, *self.retry_topics],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        callbacks = {"on_assign": self._on_assign, "on_revoke": self._on_revoke, "on_lost": self._on_lost}
+        self.consumer.subscribe(list(self.routes), **callbacks)
+        if self.retry_consumer is not None:
+            self.retry_consumer.subscribe(self.retry_topics, **callbacks)
+
+    @property
+    def joined(self) -> bool:
+        """Whether every consumer of this plugin has joined its group."""
+        return len(self._joined) == len(self.consumers)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        self.joined = True
+        self._joined.add(id(consumer))
         self.assignment.update((tp.topic, tp.partition) for tp in partitions)
         if self.metrics:
             self.metrics.assigned.set(len(self.assignment))
@@ -125,7 +136,7 @@ class PluginRunner:
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         # Revocation happens inside consume(), so the previous batch is finished and its
         # offsets stored: commit them now, before another member takes the partitions.
-        self.commit()
+        self._commit(consumer)
         self._forget(partitions)
         if partitions:
             log.info("%s: revoked %s", self.plugin.name, _fmt(partitions))
@@ -163,12 +174,25 @@ class PluginRunner:
             self.metrics.update_lag(stats, self.assignment)
 
     def commit(self) -> None:
-        """Commit the stored offsets now (revocation, shutdown)."""
+        """Commit the stored offsets now (shutdown)."""
+        for consumer in self.consumers:
+            self._commit(consumer)
+
+    def close(self) -> None:
+        """Commit, then leave the groups."""
+        self.commit()
+        for consumer in self.consumers:
+            consumer.close()
+
+    def _commit(self, consumer: Any) -> None:
         try:
-            self.consumer.commit(asynchronous=False)
+            consumer.commit(asynchronous=False)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("%s: commit failed: %s", self.plugin.name, exc.args[0].str())
+
+    def _consumer_of(self, topic: str) -> Any:
+        return self.consumer if topic in self.routes else self.retry_consumer
 
     # --- the batch step --------------------------------------------------------------
 
@@ -176,7 +200,7 @@ class PluginRunner:
         """Consume and finish one batch; return how many messages it held."""
         if self.paused:
             self._resume_due()
-        messages = self.consumer.consume(self.batch_size, timeout)
+        messages = self._fetch(timeout)
         if not messages:
             return 0
         if self._hook_batch:
@@ -190,6 +214,22 @@ class PluginRunner:
             self._store(last)
         self._publish_counts(len(messages))
         return len(messages)
+
+    def _fetch(self, timeout: float) -> list[Message]:
+        """What is waiting, up to a batch; block up to ``timeout`` only while nothing is.
+
+        ``consume(n, timeout)`` waits until it has ``n`` messages, which at a low rate would
+        hold every message back for the whole timeout: wait for one, then take the rest.
+        """
+        consumer = self.consumer
+        messages = consumer.consume(self.batch_size, 0)
+        if not messages:
+            messages = consumer.consume(1, timeout)
+            if messages and self.batch_size > 1:
+                messages += consumer.consume(self.batch_size - 1, 0)
+        if self.retry_consumer is not None:
+            messages += self.retry_consumer.consume(self.batch_size, 0)
+        return messages
 
     def _handle(self, messages: list[Message]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
         routes = self.routes
@@ -326,8 +366,9 @@ class PluginRunner:
     def _pause(self, tp: tuple[str, int], offset: int, until: float, reason: str | None) -> None:
         """Pause a partition and rewind it to ``offset``: what was prefetched is fetched again."""
         part = TopicPartition(tp[0], tp[1], offset)
-        self.consumer.pause([part])
-        self.consumer.seek(part)
+        consumer = self._consumer_of(tp[0])
+        consumer.pause([part])
+        consumer.seek(part)
         self.paused[tp] = until
         if reason:
             log.warning("%s: paused %s[%d] at %d: %s", self.plugin.name, tp[0], tp[1], offset, reason)
@@ -341,7 +382,7 @@ class PluginRunner:
             return
         for tp in due:
             del self.paused[tp]
-        self.consumer.resume([TopicPartition(t, p) for t, p in due])
+            self._consumer_of(tp[0]).resume([TopicPartition(*tp)])
         if self.metrics:
             self.metrics.paused.set(len(self.paused))
 
@@ -358,11 +399,16 @@ class PluginRunner:
             self._pause(tp, offset, until, None)
 
     def _store(self, last: dict[tuple[str, int], int]) -> None:
-        try:
-            self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
-        except KafkaException as exc:
-            # A partition revoked meanwhile: its next owner re-handles from the committed offset.
-            log.info("%s: could not store offsets: %s", self.plugin.name, exc.args[0].str())
+        main = [TopicPartition(t, p, o + 1) for (t, p), o in last.items() if t in self.routes]
+        retries = [TopicPartition(t, p, o + 1) for (t, p), o in last.items() if t not in self.routes]
+        for consumer, offsets in ((self.consumer, main), (self.retry_consumer, retries)):
+            if not offsets:
+                continue
+            try:
+                consumer.store_offsets(offsets=offsets)
+            except KafkaException as exc:
+                # A partition revoked meanwhile: its next owner re-handles from the committed offset.
+                log.info("%s: could not store offsets: %s", self.plugin.name, exc.args[0].str())
 
     def _publish_counts(self, batch: int) -> None:
         metrics = self.metrics
@@ -520,8 +566,7 @@ class Worker:
         self.host.worker_stopping(self)
         self.flush()
         for runner in self.runners:
-            runner.commit()
-            runner.consumer.close()
+            runner.close()
         for plugin in self.plugins:
             plugin.stop()
         log.info("worker stopped")

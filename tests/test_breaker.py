@@ -62,9 +62,24 @@ def down() -> None:
 
 
 def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+    """Fail calls; the one that opens the breaker says so, with the real error as its cause."""
     for _ in range(times):
-        with pytest.raises(Down):
+        with pytest.raises((Down, CircuitOpenError)) as raised:
             breaker.call(down)
+        if isinstance(raised.value, CircuitOpenError):
+            assert isinstance(raised.value.__cause__, Down)
+            assert breaker.state == OPEN
+
+
+def test_the_failure_that_opens_the_breaker_raises_circuit_open_chained_to_the_real_error(
+    make: Callable[..., CircuitBreaker],
+) -> None:
+    breaker = make()
+    fail(breaker, 3)
+    assert breaker.state != OPEN
+    with pytest.raises(CircuitOpenError) as tripped:
+        breaker.call(down)
+    assert isinstance(tripped.value.__cause__, Down)
 
 
 def opened(make: Callable[..., CircuitBreaker], **options: object) -> CircuitBreaker:
@@ -219,12 +234,14 @@ def test_a_hung_call_times_out_without_blocking_the_caller_and_counts_as_a_failu
     hung = threading.Event()
     try:
         start = time.monotonic()
-        with pytest.raises(CallTimeout, match=r"longer than 0\.1 s"):
+        with pytest.raises(CircuitOpenError) as tripped:
             breaker.call(hung.wait, 30)
         elapsed = time.monotonic() - start
     finally:
         hung.set()
     assert 0.1 <= elapsed < 1.0
+    assert isinstance(tripped.value.__cause__, CallTimeout)
+    assert "longer than 0.1 s" in str(tripped.value.__cause__)
     assert isinstance(CallTimeout("x"), TimeoutError)
     assert breaker.state == OPEN
 

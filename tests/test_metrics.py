@@ -245,9 +245,10 @@ def runner(transport: RecordingTransport, metrics: Metrics | None, **settings: A
 def test_with_metrics_on_each_consumer_reports_statistics_to_the_lag_gauges() -> None:
     transport, metrics = RecordingTransport(), Metrics()
     run = runner(transport, metrics)
-    [config] = transport.configs
-    assert config["statistics.interval.ms"] == LAG_STATS_INTERVAL_MS <= 5000
-    assert config["stats_cb"] == run._on_stats
+    config, retry_config = transport.configs  # the plugin's consumer and its retry topics' consumer
+    for each in (config, retry_config):
+        assert each["statistics.interval.ms"] == LAG_STATS_INTERVAL_MS <= 5000
+        assert each["stats_cb"] == run._on_stats
 
     run.subscribe()
     run.step(0.05, lambda: None)  # the assignment arrives inside consume()

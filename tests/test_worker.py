@@ -103,7 +103,7 @@ def test_a_handler_failing_k_times_is_retried_once_per_retry_topic_then_succeeds
     assert harness.values("out", Ping) == [Ping(7)]
     assert committed(harness, "flaky", "in") == 1
     for level in range(1, k + 1):
-        assert committed(harness, "flaky", f"flaky-retry-{level}") == 1
+        assert committed(harness, "flaky-retry", f"flaky-retry-{level}") == 1
 
 
 def test_a_handler_failing_beyond_the_limit_is_dead_lettered_with_origin_attempts_and_reason(
@@ -185,7 +185,7 @@ def test_a_retry_not_yet_due_pauses_only_its_retry_partition_while_the_main_part
     [retry] = harness.records("slow-retry-1")
     assert log[-1][2] >= int(headers(retry)[H_DUE]), "the retry was handled before it was due"
     assert runner.paused == {}
-    assert committed(harness, "slow", "slow-retry-1") == 1
+    assert committed(harness, "slow-retry", "slow-retry-1") == 1
 
 
 POISON = {
@@ -257,7 +257,7 @@ def test_a_retry_message_whose_original_topic_is_not_consumed_is_dead_lettered_a
     [dead] = harness.records("flaky-dlq")
     assert headers(dead)[H_EXCEPTION] == b"kafkaworkers.errors.PluginError"
     assert [n for n, _ in calls] == [2, 3], "n=2 was skipped although its offset is now committed: lost"
-    assert committed(harness, "flaky", "flaky-retry-1") == 3
+    assert committed(harness, "flaky-retry", "flaky-retry-1") == 3
 
 
 def test_a_main_topic_message_carrying_origin_headers_is_dead_lettered_with_its_real_origin(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,8 @@ class KafkaAdmin:
             for k, v in config.items()
             if k in _ADMIN_KEYS or k.startswith(("sasl.", "ssl.", "socket.", "broker.", "metadata."))
         }
+        # librdkafka's own log lines go through Python logging, as the other clients' do.
+        shared.setdefault("logger", logging.getLogger("kafkaworkers.librdkafka"))
         self._client = AdminClient(shared)
 
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:

@@ -119,7 +119,11 @@ def test_retryable_failures_go_through_both_retry_topics_and_succeed_on_the_thir
     kafka.produce(kwtest.ping, [ping(n, "retry") for n in range(5)])
     kwtest.start()
     wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) == 5, 60, "5 pings failed once and committed")
-    wait_for(lambda: kafka.committed(kwtest.group, f"{kwtest.group}-retry-2") == 5, 60, "the second retries committed")
+    wait_for(
+        lambda: kafka.committed(f"{kwtest.group}-retry", f"{kwtest.group}-retry-2") == 5,
+        60,
+        "the second retries committed",
+    )
 
     for level in (1, 2):
         retried = kafka.read_all(f"{kwtest.group}-retry-{level}", 5)
@@ -133,11 +137,11 @@ def test_retryable_failures_go_through_both_retry_topics_and_succeed_on_the_thir
 
 
 def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: KwTest, tmp_path: Path) -> None:
-    outage = tmp_path / "downstream-is-down"
+    bug = tmp_path / "the-bug-is-there"
     dlq, ledger = f"{kwtest.group}-dlq", f"{kwtest.group}-dlq-replayed"
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, [ping(n, "permanent" if n >= 10 else "") for n in (0, 1, 2, 10, 11, 12)])
-    kwtest.start(KWTEST_OUTAGE_FILE=str(outage), KWTEST_BREAKER_WAIT="1")
+    kwtest.start(KWTEST_BUG_FILE=str(bug))
     wait_for(lambda: stored(kafka, dlq) == 3, 60, "3 dead letters")
 
     [summary] = dlq_json(kafka, kwtest, "list")
@@ -159,15 +163,15 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
     planned = dlq_json(kafka, kwtest, "replay", "--dry-run")
     assert (planned["matched"], planned["would_replay"], planned["replayed"]) == (3, 3, 0)
     assert stored(kafka, kwtest.ping) == 6 and stored(kafka, ledger) == 0, "a dry run publishes nothing"
-    assert dlq_json(kafka, kwtest, "replay", "--filter-exception", "ConnectionError")["matched"] == 0
+    assert dlq_json(kafka, kwtest, "replay", "--filter-exception", "LookupError")["matched"] == 0
     assert dlq_json(kafka, kwtest, "replay", "--since", "2999-01-01T00:00:00Z")["matched"] == 0
 
-    # The dependency goes down: one ping fails three times and is dead-lettered; it comes back.
-    outage.touch()
+    # A bug: one ping fails three times and is dead-lettered; the bug is fixed, it is replayed.
+    bug.touch()
     kafka.produce(kwtest.ping, [ping(20)], key=lambda i: b"twenty")
-    wait_for(lambda: stored(kafka, dlq) == 4, 60, "the ping that met the outage dead-lettered")
-    outage.unlink()
-    fixed = dlq_json(kafka, kwtest, "replay", "--filter-exception", "ConnectionError")
+    wait_for(lambda: stored(kafka, dlq) == 4, 60, "the ping that met the bug dead-lettered")
+    bug.unlink()
+    fixed = dlq_json(kafka, kwtest, "replay", "--filter-exception", "LookupError")
     assert (fixed["matched"], fixed["replayed"]) == (1, 1)
     wait_for(lambda: 20 in kwtest.handled(), 60, "the replayed ping handled once the dependency is back")
 
@@ -187,10 +191,10 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
     assert (everything["matched"], everything["replayed"], everything["skipped_already_replayed"]) == (4, 3, 1)
     again = dlq_json(kafka, kwtest, "replay")
     assert (again["matched"], again["replayed"], again["skipped_already_replayed"]) == (4, 0, 4)
-    assert stored(kafka, kwtest.ping) == 11, "6 pings, the one that met the outage, 4 replayed copies"
+    assert stored(kafka, kwtest.ping) == 11, "6 pings, the one that met the bug, 4 replayed copies"
 
     # The permanent ones fail again, each as a new first attempt, and are dead again.
-    kwtest.start(KWTEST_OUTAGE_FILE=str(outage), KWTEST_BREAKER_WAIT="1")
+    kwtest.start(KWTEST_BUG_FILE=str(bug))
     wait_for(lambda: stored(kafka, dlq) == 7, 60, "the replayed permanent pings dead-lettered again")
     seen = {(m.partition(), m.offset()) for m in first_letters}
     newest = [m for m in kafka.read_all(dlq, 7) if (m.partition(), m.offset()) not in seen]

@@ -1,0 +1,591 @@
+"""The order pipeline on the real broker, deployed as in production: one process per service.
+
+Every test runs its services under a group prefix of its own (``KAFKAWORKERS_GROUP_PREFIX``),
+so its consumer groups, retry and dead-letter topics are its own; the order topics are shared
+with other tests and the demo. Before a service starts, its fresh group is committed at the
+current end of every topic it consumes, so old messages are never replayed. Another run's
+orders may still arrive while a test runs: the pipeline test's catalogue uses SKUs of its
+own, so such orders ask for SKUs this reserva does not know and cannot take its stock, and
+every check looks at this test's orders only.
+
+``test_pipeline_as_deployed_six_processes`` prints::
+
+    PIPELINE orders=1000 terminal=<N> as_expected=<N> elapsed_s=<X> orders_per_s=<X>
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import msgspec
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from kafkaworkers.api import CORRELATION_HEADER
+from kafkaworkers.retry import dlq_topic, retry_topic
+from kafkaworkers_orders.contracts import (
+    PEDIDO_CANCELADO,
+    PEDIDO_NOVO,
+    PROCESSO_PAGAMENTO,
+    PROCESSO_PICKING,
+    RESERVA_ESTOQUE,
+    TOPICS,
+    Cartao,
+    Cliente,
+    Event,
+    Item,
+    PedidoNovo,
+    event_id_for,
+)
+from kafkaworkers_orders.notificacao import PAYMENT_KINDS, PICKING_KINDS
+from kafkaworkers_orders.reserva import CATALOGUE
+from kafkaworkers_orders.reserva.estoque import Produto, read_catalogue
+from kafkaworkers_orders.scenario import OrderScenario
+from tests.conftest import FAST_GROUP, KW, wait_for
+
+pytestmark = pytest.mark.kafka
+
+SERVICES = ("reserva", "fraude", "pagamento", "picking", "notificacao", "relatorios")
+ORDERS = 1000
+SEED = 20240611
+PIPELINE_TIMEOUT = 180.0
+#: notificacao's default channels: one delivery per (order, kind) on each.
+CHANNELS = ("log",)
+_DECODERS = {topic: msgspec.json.Decoder(typ) for topic, typ in TOPICS.items()}
+_LOG_EVENT = re.compile(r" (\w+): (assigned|revoked|lost) (.+?)(?:; their uncommitted work will be redone)?$", re.M)
+#: What a partition answers while its topic is being created.
+_NOT_READY = {
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError._UNKNOWN_PARTITION, KafkaError._TIMED_OUT,
+}  # fmt: skip
+_PARTITION = re.compile(r"([\w.-]+)\[(\d+)\]")
+
+
+# --- the services as processes ---------------------------------------------------------
+
+
+class Services:
+    """This test's service processes: one group prefix, one data dir, a log file per process."""
+
+    def __init__(self, bootstrap: str, tmp_path: Path) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = f"pipe-{uuid.uuid4().hex[:8]}-"
+        self.data_dir = tmp_path / "data"
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {
+            **os.environ,
+            **FAST_GROUP,
+            "KAFKAWORKERS_BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKAWORKERS_DATA_DIR": str(self.data_dir),
+            "KAFKAWORKERS_GROUP_PREFIX": self.prefix,
+            "KAFKAWORKERS_METRICS_PORT": "0",
+            "KAFKAWORKERS_LOG_LEVEL": "INFO",
+        }
+
+    def group(self, plugin: str) -> str:
+        return self.prefix + plugin
+
+    def consumed(self, plugin: str) -> list[str]:
+        """Every topic the plugin's group consumes: its subscriptions and its retry topics."""
+        declared = importlib.import_module(f"kafkaworkers_orders.{plugin}").plugin
+        retries = [retry_topic(self.group(plugin), i + 1) for i in range(len(declared.retry.delays))]
+        return [*declared.subscriptions, *retries]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([KW, *args], env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"kafkaworkers {' '.join(args)} failed:\n{done.stdout}{done.stderr}"
+        return done
+
+    def start(self, plugin: str, label: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        label = label or plugin
+        log = open(self.logs / f"{label}.log", "wb")  # noqa: SIM115 - the process holds it until it exits
+        command = [KW, "run", "--plugin", plugin]
+        self.procs[label] = subprocess.Popen(command, env={**self.env, **env}, stdout=log, stderr=log)
+        log.close()
+        return self.procs[label]
+
+    def log(self, label: str) -> str:
+        path = self.logs / f"{label}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def holdings(self, label: str) -> set[tuple[str, int]]:
+        """The partitions the process holds now, according to its log's assigned/revoked/lost lines."""
+        held: set[tuple[str, int]] = set()
+        for _, action, partitions in _LOG_EVENT.findall(self.log(label)):
+            parts = {(t, int(p)) for t, p in _PARTITION.findall(partitions)}
+            held = held | parts if action == "assigned" else held - parts
+        return held
+
+    def check_running(self) -> None:
+        for label, proc in self.procs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"{label} exited with {proc.returncode}:\n{self.log(label)[-4000:]}")
+
+    def stop(self, label: str) -> int:
+        proc = self.procs[label]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(30)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for label in self.procs:
+            self.stop(label)
+
+
+@pytest.fixture
+def services(bootstrap: str, tmp_path: Path) -> Iterator[Services]:
+    running = Services(bootstrap, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+# --- offsets ---------------------------------------------------------------------------
+
+
+class Offsets:
+    """High watermarks and consumer groups' committed offsets on the real broker."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self._readers: dict[str, Any] = {}
+
+    def _reader(self, group: str) -> Any:
+        """A consumer in ``group`` that never subscribes: it reads and commits offsets, never joins."""
+        if group not in self._readers:
+            config = {"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False}
+            self._readers[group] = Consumer(config)
+        return self._readers[group]
+
+    def partitions(self, topics: list[str]) -> list[tuple[str, int]]:
+        metadata = self.admin.list_topics(timeout=15).topics
+        missing = [t for t in topics if t not in metadata]
+        assert not missing, f"topics missing on the broker: {missing}"
+        return [(t, p) for t in topics for p in sorted(metadata[t].partitions)]
+
+    def ends(self, topics: list[str]) -> dict[tuple[str, int], int]:
+        reader = self._reader("pipeline-test-watermarks")
+
+        def high(topic: str, partition: int) -> int:
+            # A topic created a moment ago may not have its leader yet: ask until it has.
+            def answer() -> tuple[int] | None:
+                try:
+                    return (reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1],)
+                except KafkaException as exc:
+                    if exc.args[0].code() not in _NOT_READY:
+                        raise
+                    return None
+
+            return wait_for(answer, 30, f"the end of {topic}[{partition}]", interval=0.2)[0]
+
+        return {(t, p): high(t, p) for t, p in self.partitions(topics)}
+
+    def start_at_end(self, groups: dict[str, list[str]]) -> None:
+        """Commit each (new) group's offsets at the current end of its topics, as the demo does."""
+        for group, topics in groups.items():
+            ends = [TopicPartition(t, p, high) for (t, p), high in self.ends(topics).items()]
+            self._reader(group).commit(offsets=ends, asynchronous=False)
+
+    def caught_up(self, group: str, ends: dict[tuple[str, int], int]) -> bool:
+        """Whether ``group`` committed every partition of ``ends`` at or beyond its offset there."""
+        try:
+            committed = self._reader(group).committed([TopicPartition(t, p) for t, p in ends], timeout=15)
+        except KafkaException:
+            return False  # the coordinator is busy; the caller asks again
+        return all(max(tp.offset, 0) >= ends[(tp.topic, tp.partition)] for tp in committed)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
+class Watcher:
+    """Reads topics from their end at creation (assigned, no group) and keeps this test's events."""
+
+    def __init__(self, offsets: Offsets, topics: list[str]) -> None:
+        self.topics = topics
+        self.consumer = Consumer(
+            {"bootstrap.servers": offsets.bootstrap, "group.id": f"pipeline-watch-{uuid.uuid4().hex}",
+             "enable.auto.commit": False}
+        )  # fmt: skip
+        self.position = offsets.ends(topics)
+        self.consumer.assign([TopicPartition(t, p, o) for (t, p), o in self.position.items()])
+        self.orders: set[str] = set()
+        #: Each of this test's events once, by event id; ``copies`` counts every delivery.
+        self.events: dict[str, tuple[str, Event]] = {}
+        self.copies: collections.Counter[str] = collections.Counter()
+        self.foreign = 0
+
+    def poll(self, timeout: float = 0.2) -> list[Any]:
+        """Read what arrived; this test's messages, as they came."""
+        ours = []
+        for msg in self.consumer.consume(1000, timeout):
+            if msg.error() is not None:
+                continue
+            self.position[(msg.topic(), msg.partition())] = msg.offset() + 1
+            try:
+                event = _DECODERS[msg.topic()].decode(msg.value() or b"")
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.foreign += 1  # another test's poison; never one of these orders
+                continue
+            if event.order_id not in self.orders:
+                self.foreign += 1
+                continue
+            self.events.setdefault(event.event_id, (msg.topic(), event))
+            self.copies[event.event_id] += 1
+            ours.append(msg)
+        return ours
+
+    def read_to(self, ends: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
+        """Read until every watched partition is at or beyond ``ends``."""
+
+        def there() -> bool:
+            self.poll(0.1)
+            return all(self.position[tp] >= ends[tp] for tp in self.position)
+
+        wait_for(there, timeout, "the watcher to read up to the topics' end")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def settle(offsets: Offsets, groups: dict[str, list[str]], watcher: Watcher, timeout: float = 120.0) -> int:
+    """Wait until the pipeline is quiet for this test's orders; how many rounds that took.
+
+    A round takes the end of every topic, waits until every group committed up to it (so all
+    it held was handled and what that produced was acknowledged), then reads the watched
+    topics to their new end. A round that saw none of this test's messages beyond the first
+    end proves nothing more can come: everything they could cause is already on the topics.
+    """
+    every_topic = sorted({t for topics in groups.values() for t in topics} | set(watcher.topics))
+    deadline = time.monotonic() + timeout
+    for rounds in range(1, 100):
+        ends = offsets.ends(every_topic)
+        watcher.read_to({tp: ends[tp] for tp in watcher.position})
+        seen = sum(watcher.copies.values())
+        for group, topics in groups.items():
+            mine = {tp: o for tp, o in ends.items() if tp[0] in topics}
+            wait_for(
+                lambda g=group, m=mine: offsets.caught_up(g, m), deadline - time.monotonic(), f"{group} to catch up"
+            )
+        watcher.read_to(offsets.ends(watcher.topics))
+        if sum(watcher.copies.values()) == seen:
+            return rounds
+    pytest.fail("the pipeline never went quiet")
+
+
+def publish(
+    bootstrap: str, messages: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
+) -> collections.Counter[int]:
+    """Produce (topic, key, value, headers) and wait for every acknowledgement; messages per partition."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    partitions: collections.Counter[int] = collections.Counter()
+    errors: list[str] = []
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(err.str())
+        else:
+            partitions[msg.partition()] += 1
+
+    for topic, key, value, headers in messages:
+        while True:
+            try:
+                producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    assert producer.flush(30) == 0, "orders still undelivered after 30 s"
+    assert not errors, f"{len(errors)} orders not delivered: {errors[:3]}"
+    return partitions
+
+
+def query(path: Path, sql: str, *params: object) -> list[tuple]:
+    assert path.exists(), f"{path} does not exist"
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        return db.execute(sql, params).fetchall()
+
+
+def write_catalogue(path: Path, produtos: list[Produto]) -> Path:
+    path.write_bytes(msgspec.json.encode(produtos))
+    return path
+
+
+# --- the tests -------------------------------------------------------------------------
+
+
+def test_pipeline_as_deployed_six_processes(services: Services, tmp_path: Path) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    # The seed catalogue under SKUs of this run: another run's orders cannot take its stock.
+    catalogue = [msgspec.structs.replace(p, sku=f"{p.sku}-{run_id[:6].upper()}") for p in read_catalogue(CATALOGUE)]
+    initial = {p.sku: p.estoque for p in catalogue}
+    services.cli(
+        "stock", "load", "--file", str(write_catalogue(tmp_path / "catalogo.json", catalogue)),
+        "--data-dir", str(services.data_dir / "reserva"),
+    )  # fmt: skip
+    services.cli("topics", "create")
+    groups = {services.group(name): services.consumed(name) for name in SERVICES}
+    offsets = Offsets(services.bootstrap)
+    offsets.start_at_end(groups)
+    scenario = OrderScenario(run_id=run_id, catalogue=catalogue)
+    watcher = Watcher(offsets, list(TOPICS))
+    try:
+        for name in SERVICES:
+            services.start(name)
+
+        def joined() -> bool:
+            services.check_running()
+            return all({t for t, _ in services.holdings(n)} >= set(services.consumed(n)) for n in SERVICES)
+
+        wait_for(joined, 120, "every service to join its group and hold all its partitions")
+
+        inputs = list(scenario.generate(ORDERS, SEED))
+        watcher.orders = set(scenario.tracks)
+        start = time.monotonic()
+        publish(services.bootstrap, inputs)
+        while not scenario.finished():
+            if time.monotonic() - start > PIPELINE_TIMEOUT:
+                pytest.fail(scenario.report(time.monotonic() - start, True).text + _tails(services), pytrace=False)
+            services.check_running()
+            for msg in watcher.poll():
+                if msg.topic() in scenario.watch:
+                    scenario.observe(msg.topic(), msg.key(), msg.value(), msg.timestamp()[1])
+        elapsed = time.monotonic() - start
+        rounds = settle(offsets, groups, watcher)
+        services.check_running()
+        dead = {g: sum(offsets.ends([dlq_topic(g)]).values()) for g in groups}
+        relatorios_exit = services.stop("relatorios")  # DuckDB: one process at a time
+    finally:
+        watcher.close()
+        offsets.close()
+
+    report = scenario.report(elapsed, False)
+    tracks = scenario.tracks
+    terminal = sum(t.terminal is not None for t in tracks.values())
+    as_expected = sum(t.terminal == t.expected for t in tracks.values())
+    print(
+        f"\nPIPELINE orders={ORDERS} terminal={terminal} as_expected={as_expected}"
+        f" elapsed_s={elapsed:.1f} orders_per_s={ORDERS / elapsed:.1f}"
+    )
+    print(report.text)
+    assert report.ok, report.text
+    assert dead == dict.fromkeys(groups, 0), f"dead letters per group: {dead}"
+
+    events = watcher.events
+    cancelled = {o for o, t in tracks.items() if t.terminal != "separado"}
+
+    # Stock: never negative, and each SKU's loss is exactly what the reserved orders hold.
+    estoque = services.data_dir / "reserva" / "estoque.sqlite3"
+    left = dict(query(estoque, "SELECT sku, estoque FROM produto"))
+    held: collections.Counter[str] = collections.Counter()
+    for (itens,) in query(estoque, "SELECT itens FROM reserva WHERE status = 'reservado'"):
+        held.update(json.loads(itens))
+    assert min(left.values()) >= 0, f"negative stock: {left}"
+    wrong_stock = {s: (n, held[s], left.get(s)) for s, n in initial.items() if n - held[s] != left.get(s)}
+    assert not wrong_stock, f"sku: (initial, held by reserved orders, left): {wrong_stock}"
+    reservas = dict(query(estoque, "SELECT order_id, status FROM reserva WHERE order_id LIKE ?", f"PED-{run_id}-%"))
+    reserved_events = {e.order_id for t, e in events.values() if t == RESERVA_ESTOQUE and e.status == "reservado"}
+    released_events = {e.order_id for t, e in events.values() if t == RESERVA_ESTOQUE and e.status == "liberado"}
+    assert {o for o, s in reservas.items() if s in ("reservado", "liberado")} == reserved_events
+    assert {o for o, s in reservas.items() if s == "liberado"} == released_events == reserved_events & cancelled
+
+    # Money: one charge per order at most, refunds only of charged cancelled orders, each once.
+    gateway = services.data_dir / "pagamento" / "gateway.sqlite3"
+    ours = f"PED-{run_id}-%"
+    charges = query(gateway, "SELECT chave, status, transacao_id, valor FROM cobranca WHERE chave LIKE ?", ours)
+    per_order = collections.Counter(chave.split(":")[0] for chave, *_ in charges)
+    assert max(per_order.values()) <= 1, [o for o, n in per_order.items() if n > 1]
+    charged = {chave: (tx, valor) for chave, status, tx, valor in charges if status == "aprovado"}
+    refunds = query(gateway, "SELECT chave, transacao_id, valor FROM estorno WHERE chave LIKE ?", f"PED-{run_id}-%")
+    refunds_per_order = collections.Counter(chave.removesuffix(":estorno") for chave, _, _ in refunds)
+    assert max(refunds_per_order.values(), default=0) <= 1, [o for o, n in refunds_per_order.items() if n > 1]
+    assert set(refunds_per_order) == set(charged) & cancelled, "a refund of an order not charged and cancelled"
+    assert all(charged[c.removesuffix(":estorno")] == (tx, v) for c, tx, v in refunds), "a refund of another charge"
+    transactions: dict[str, set[str]] = collections.defaultdict(set)
+    for topic, e in events.values():
+        if topic == PROCESSO_PAGAMENTO and e.status == "aprovado":
+            transactions[e.order_id].add(e.transacao_id)
+    assert {o: {tx} for o, (tx, _) in charged.items()} == transactions, "approved events disagree with the gateway"
+
+    # Notifications: one per (order, kind, channel) that the events call for, each sent once.
+    kinds = {PEDIDO_NOVO: lambda e: "pedido_recebido", PEDIDO_CANCELADO: lambda e: "pedido_cancelado",
+             PROCESSO_PAGAMENTO: lambda e: PAYMENT_KINDS[e.status],
+             PROCESSO_PICKING: lambda e: PICKING_KINDS[e.status]}  # fmt: skip
+    expected_notes = {(e.order_id, kinds[t](e), c) for t, e in events.values() if t in kinds for c in CHANNELS}
+    notificacao = services.data_dir / "notificacao" / "notificacao.sqlite3"
+    envios = query(
+        notificacao, "SELECT order_id, kind, channel, status, attempts FROM envios WHERE order_id LIKE ?",
+        f"PED-{run_id}-%",
+    )  # fmt: skip
+    rows = collections.Counter((o, k, c) for o, k, c, _, _ in envios)
+    assert max(rows.values()) == 1
+    assert set(rows) == expected_notes, (
+        f"missing {sorted(expected_notes - set(rows))[:10]}, unexpected {sorted(set(rows) - expected_notes)[:10]}"
+    )
+    assert [r for r in envios if r[3] != "sent" or r[4] != 1] == [], "a notification not sent, or sent again"
+    logged = collections.Counter(
+        re.findall(rf"notificacao (PED-{run_id}-\d+)\.(\w+) para", services.log("notificacao"))
+    )
+    assert set(logged) == {(o, k) for o, k, _ in expected_notes} and max(logged.values()) == 1, (
+        f"log-channel sends seen more than once: {[k for k, n in logged.items() if n > 1][:10]}"
+    )
+
+    # The warehouse: every order once, in the state the topics gave it, every event once.
+    assert relatorios_exit == 0, services.log("relatorios")[-4000:]
+    warehouse = duckdb.connect(str(services.data_dir / "relatorios" / "warehouse.duckdb"), read_only=True)
+    try:
+        pedidos = warehouse.execute(
+            "SELECT order_id, estado, cancelado_motivo FROM pedidos WHERE order_id LIKE ?", [f"PED-{run_id}-%"]
+        ).fetchall()
+        fact_ids = [i for (i,) in warehouse.execute("SELECT event_id FROM eventos WHERE order_id LIKE ?",
+                                                     [f"PED-{run_id}-%"]).fetchall()]  # fmt: skip
+    finally:
+        warehouse.close()
+    states = {
+        o: ("separado", None) if t.terminal == "separado" else ("cancelado", t.terminal) for o, t in tracks.items()
+    }
+    assert len({o for o, _, _ in pedidos}) == ORDERS
+    wrong_state = {o: (e, m, states.get(o)) for o, e, m in pedidos if (e, m) != states.get(o)}
+    assert not wrong_state, f"warehouse state vs topics: {dict(list(wrong_state.items())[:10])}"
+    assert len(fact_ids) == len(set(fact_ids)) == len(events), (
+        f"facts {len(fact_ids)} (distinct {len(set(fact_ids))}) vs distinct events on the topics {len(events)}"
+    )
+    assert set(fact_ids) == set(events)
+
+    republished = sum(n - 1 for n in watcher.copies.values())
+    print(
+        f"PIPELINE_DETAIL events={len(events)} republished_copies={republished} foreign_messages={watcher.foreign}"
+        f" settle_rounds={rounds} charges={len(charged)} refunds={len(refunds)}"
+        f" reservations={len(reserved_events)} releases={len(released_events)}"
+        f" notifications={len(envios)} warehouse_orders={len(pedidos)} facts={len(fact_ids)}"
+        f" dead_letters={sum(dead.values())} stock_left={sum(left[s] for s in initial)}/{sum(initial.values())}"
+    )
+
+
+RACE_STOCK = 25
+RACE_ORDERS = 120
+
+
+def test_two_reserva_processes_never_oversell(services: Services, tmp_path: Path) -> None:
+    run_id = uuid.uuid4().hex[:8]
+    sku = f"RACE-{run_id.upper()}"
+    lote = Produto(sku=sku, nome="Último lote", estoque=RACE_STOCK, preco_centavos=1990)
+    services.cli(
+        "stock", "load", "--file", str(write_catalogue(tmp_path / "catalogo.json", [lote])),
+        "--data-dir", str(services.data_dir / "reserva"),
+    )  # fmt: skip
+    services.cli("topics", "create")
+    group = services.group("reserva")
+    offsets = Offsets(services.bootstrap)
+    novo = offsets.partitions([PEDIDO_NOVO])
+    assert len(novo) >= 2, f"{PEDIDO_NOVO} has {len(novo)} partition(s): two processes cannot share it"
+    offsets.start_at_end({group: services.consumed("reserva")})
+    watcher = Watcher(offsets, [RESERVA_ESTOQUE])
+    orders = [_single_item_order(f"RACE-{run_id}-{n:04d}", sku) for n in range(RACE_ORDERS)]
+    watcher.orders = {o.order_id for o in orders}
+    try:
+        # The deployed default, cooperative-sticky, balances the count of partitions over all
+        # the group's topics, retry topics included: on this broker it gave both partitions of
+        # pedido-novo to one process and only retry partitions to the other, so nothing raced.
+        # range splits every topic's partitions between the members, pedido-novo's too.
+        for label in ("reserva-a", "reserva-b"):
+            services.start("reserva", label, KAFKAWORKERS_CONSUMER_PARTITION_ASSIGNMENT_STRATEGY="range")
+
+        def split() -> dict[str, set[tuple[str, int]]] | None:
+            services.check_running()
+            held = {label: {tp for tp in services.holdings(label) if tp[0] == PEDIDO_NOVO} for label in services.procs}
+            every = set().union(*held.values())
+            disjoint = sum(map(len, held.values())) == len(novo)
+            return held if all(held.values()) and every == set(novo) and disjoint else None
+
+        before = wait_for(split, 90, f"both reserva processes to hold partitions of {PEDIDO_NOVO}")
+        encoder = msgspec.json.Encoder()
+        per_partition = publish(
+            services.bootstrap,
+            [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(CORRELATION_HEADER, o.order_id.encode())])
+             for o in orders],
+        )  # fmt: skip
+
+        def outcomes() -> bool:
+            services.check_running()
+            watcher.poll()
+            return len({e.order_id for _, e in watcher.events.values()}) >= RACE_ORDERS
+
+        wait_for(outcomes, 120, f"one {RESERVA_ESTOQUE} outcome for each of the {RACE_ORDERS} orders")
+        settle(offsets, {group: services.consumed("reserva")}, watcher)
+        after = split()
+    finally:
+        watcher.close()
+        offsets.close()
+
+    statuses: dict[str, set[str]] = collections.defaultdict(set)
+    for _, e in watcher.events.values():
+        statuses[e.order_id].add(e.status)
+    outcome = collections.Counter(s for ss in statuses.values() for s in ss)
+    estoque = services.data_dir / "reserva" / "estoque.sqlite3"
+    [(left,)] = query(estoque, "SELECT estoque FROM produto WHERE sku = ?", sku)
+    rows = query(estoque, "SELECT status FROM reserva WHERE order_id LIKE ?", f"RACE-{run_id}-%")
+    recorded = collections.Counter(s for (s,) in rows)
+    handled_by = {label: sum(per_partition[p] for _, p in tps) for label, tps in before.items()}
+    print(
+        f"\nRACE stock={RACE_STOCK} orders={RACE_ORDERS} reservado={outcome['reservado']}"
+        f" sem_estoque={outcome['sem_estoque']} stock_left={left}"
+        f" republished_copies={sum(n - 1 for n in watcher.copies.values())}"
+        f" partitions={ {label: sorted(p for _, p in tps) for label, tps in before.items()} }"
+        f" orders_per_process={handled_by}"
+    )
+    assert [o for o, ss in statuses.items() if len(ss) != 1] == [], "an order got two different outcomes"
+    assert len(statuses) == RACE_ORDERS
+    assert outcome == {"reservado": RACE_STOCK, "sem_estoque": RACE_ORDERS - RACE_STOCK}, outcome
+    assert left == 0
+    assert recorded == {"reservado": RACE_STOCK, "sem_estoque": RACE_ORDERS - RACE_STOCK}, recorded
+    # The race was real: each process held a partition of pedido-novo from before the first order
+    # until every outcome was out, and each of those partitions carried some of the orders.
+    assert after == before, f"the partitions moved during the race: {before} -> {after}"
+    assert all(n > 0 for n in handled_by.values()), f"one process received no orders: {handled_by}"
+
+
+def _single_item_order(order_id: str, sku: str) -> PedidoNovo:
+    now = datetime.now(UTC)
+    return PedidoNovo(
+        order_id=order_id,
+        event_id=event_id_for(order_id, PEDIDO_NOVO),
+        occurred_at=now,
+        criado_em=now,
+        cliente=Cliente(id=f"CLI-{order_id}", nome="Ana Souza", email=f"ana.souza.{order_id.lower()}@gmail.com"),
+        itens=[Item(sku=sku, quantidade=1, preco_unitario_centavos=1990)],
+        cartao=Cartao(token="tok_aprovado", final="4242", pais_emissor="BR"),
+        pais_entrega="BR",
+    )
+
+
+def _tails(services: Services) -> str:
+    return "".join(f"\n--- {label} (last lines) ---\n{services.log(label)[-1500:]}" for label in services.procs)
