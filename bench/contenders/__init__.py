@@ -1,0 +1,1 @@
+"""One module per contender, each run as its own process by bench/run.py."""

@@ -1,0 +1,272 @@
+"""W5: end-to-end latency at a fixed load, from an order's ``criado_em`` to its
+``processo-picking`` iniciado message (that message's broker timestamp).
+
+Two shapes:
+
+* ``pipeline``: the six order services, each a ``kafkaworkers run --plugin X`` process with
+  its own bench consumer group, on the real ``pedido-novo`` ... ``processo-picking`` topics;
+* ``passthrough``: one ``kafkaworkers run`` process whose bench plugin turns each order into
+  a ``ProcessoPicking`` iniciado at once (used while the pipeline is not installed), on the
+  run's own topics, the output one with ``message.timestamp.type=LogAppendTime``.
+
+The load comes from its own process (``bench.contenders.rate_producer``). Nothing is read
+while the load runs: both topics are read afterwards and joined on the order id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from bench import runner
+from bench.broker import Broker
+from bench.common import PRODUCER, percentile
+from bench.orders import CORRELATION_HEADER, make_order
+from bench.runner import KW, Contender, Workspace
+
+PIPELINE = ("reserva", "notificacao", "fraude", "relatorios", "picking", "pagamento")
+CATALOGUE = runner.ROOT / "plugins" / "reserva" / "catalogo.json"
+#: Stock enough for any load: the bench measures latency, not running out of stock.
+BENCH_STOCK = 10**9
+IN_TOPIC, OUT_TOPIC = "pedido-novo", "processo-picking"
+READY_TIMEOUT = 90.0
+DRAIN_TIMEOUT = 60.0
+
+PASSTHROUGH = Contender("w5-kw", "W5", "kafkaworkers pass-through", kind="kw-cli", options={"mode": "passthrough"})
+LOAD = Contender("w5-load", "W5", "rate producer", module="bench.contenders.rate_producer")
+
+
+class _Created(msgspec.Struct):
+    order_id: str
+    criado_em: datetime
+
+
+class _Picking(msgspec.Struct):
+    order_id: str
+    status: str = ""
+
+
+@dataclass
+class LatencyResult:
+    mode: str
+    load_pct: int
+    rep: int
+    target_rate: float
+    ok: bool = False
+    error: str = ""
+    sent: int = 0
+    matched: int = 0
+    achieved_rate: float = 0.0
+    #: Outputs per second between the first and the last output: the pipeline's pace.
+    out_rate: float = 0.0
+    p50: float = float("nan")
+    p99: float = float("nan")
+    p999: float = float("nan")
+    max: float = float("nan")
+    timestamp_type: str = ""
+    workers_cpu_s: float = 0.0
+    workers_peak_rss_kb: list[int] = field(default_factory=list)
+
+
+def pipeline_status() -> tuple[bool, str]:
+    """Whether the six-service order pipeline is installed, and what was found."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KAFKAWORKERS_DISABLE_PLUGINS")}
+    proc = subprocess.run([str(KW), "plugins", "--format", "json"], capture_output=True, text=True, env=env, cwd="/")
+    if proc.returncode != 0:
+        return False, f"`kafkaworkers plugins` failed: {proc.stderr.strip()[-300:]}"
+    rows = json.loads(proc.stdout or "[]")
+    names = sorted(r["name"] for r in rows)
+    missing = [p for p in PIPELINE if p not in names]
+    if missing or not any(OUT_TOPIC in r["produces"] for r in rows):
+        return False, f"order pipeline not complete: installed plugins {names}, missing {missing}"
+    return True, f"order pipeline installed: {names}"
+
+
+def run(
+    ws: Workspace, broker: Broker, mode: str, load_pct: int, rate: float, seconds: float, rep: int
+) -> LatencyResult:
+    result = LatencyResult(mode, load_pct, rep, rate)
+    tag = f"w5-{load_pct}-r{rep}"
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    if mode == "passthrough":
+        in_topic, out_topic = f"{ws.prefix}-{tag}-orders", f"{ws.prefix}-{tag}-picking"
+        broker.create(in_topic)
+        broker.create(out_topic, config={"message.timestamp.type": "LogAppendTime"})
+    else:
+        in_topic, out_topic = IN_TOPIC, OUT_TOPIC
+    skus = _catalogue_skus() if mode == "pipeline" else None
+    start_in, start_out = _ends(broker, in_topic), _ends(broker, out_topic)
+    try:
+        if mode == "passthrough":
+            spec = runner.make_spec(PASSTHROUGH, ws, in_topic, out_topic, 0, tag)
+            procs.append(("kafkaworkers", runner.start(PASSTHROUGH, spec, ws)[0]))
+        else:
+            procs += _start_pipeline(ws, tag)
+        probe_prefix = f"probe{uuid.uuid4().hex[:6]}"
+        if not _wait_ready(broker, in_topic, out_topic, start_out, probe_prefix, procs, skus):
+            result.error = f"no {out_topic} output within {READY_TIMEOUT:.0f} s of start"
+            return result
+        load_spec = runner.make_spec(LOAD, ws, in_topic, out_topic, 0, tag)
+        load_spec.options.update(rate=rate, seconds=seconds, id_prefix=f"{ws.prefix[-6:]}{load_pct}r{rep}", skus=skus)
+        load = runner.run_contender(LOAD, load_spec, ws, rep, timeout=seconds * 3 + 60)
+        if not load.ok:
+            result.error = f"load producer failed: {load.error}"
+            return result
+        result.sent = load.messages
+        result.achieved_rate = load.extra.get("achieved_rate", 0.0)
+        _drain(broker, out_topic, start_out, load_spec.options["id_prefix"], result.sent)
+    finally:
+        for _, proc in procs:
+            _, usage, peak = runner.stop(proc)
+            if usage:
+                result.workers_cpu_s += usage.ru_utime + usage.ru_stime
+            result.workers_peak_rss_kb.append(peak)
+    created = {
+        m.order_id: m.criado_em.timestamp() * 1000
+        for _, m in _read(broker, in_topic, start_in, _Created)
+        if m.order_id.startswith(load_spec.options["id_prefix"])
+    }
+    latencies: dict[str, float] = {}
+    ts_types = set()
+    out_times = []
+    for (ts_type, ts), m in _read(broker, out_topic, start_out, _Picking):
+        if m.order_id in created and m.order_id not in latencies and m.status in ("", "iniciado"):
+            latencies[m.order_id] = ts - created[m.order_id]
+            out_times.append(ts)
+            ts_types.add({1: "CreateTime", 2: "LogAppendTime"}.get(ts_type, str(ts_type)))
+    values = list(latencies.values())
+    result.matched = len(values)
+    if len(out_times) > 1 and max(out_times) > min(out_times):
+        result.out_rate = (len(out_times) - 1) / ((max(out_times) - min(out_times)) / 1000)
+    result.timestamp_type = ",".join(sorted(ts_types))
+    if values:
+        result.ok = True
+        result.p50, result.p99, result.p999 = (percentile(values, q) for q in (50, 99, 99.9))
+        result.max = max(values)
+    else:
+        result.error = "no order came out"
+    return result
+
+
+def _start_pipeline(ws: Workspace, tag: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """One ``kafkaworkers run --plugin X`` per service, each in a bench-owned consumer group."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KAFKAWORKERS_DISABLE_PLUGINS")}
+    catalogue = ws.path / "catalogo-bench.json"
+    items = json.loads(CATALOGUE.read_text())
+    catalogue.write_text(json.dumps([{**item, "estoque": BENCH_STOCK} for item in items]))
+    spec = runner.make_spec(PASSTHROUGH, ws, IN_TOPIC, OUT_TOPIC, 0, f"{tag}-pipeline")
+    # The topics are shared and hold earlier orders: new bench groups start at their end.
+    spec.consumer["auto.offset.reset"] = "latest"
+    config = ws.kw_config(spec, plugins={"reserva": {"catalogue": str(catalogue)}})
+    procs = []
+    for name in PIPELINE:
+        group = f"{ws.prefix}-{tag}-{name}"
+        argv = [str(KW), "run", "--plugin", name, "--group-id", group, "--config", str(config), "-b", ws.bootstrap,
+                "--metrics-port", str(runner.free_port()), "--log-level", "WARNING"]  # fmt: skip
+        log = open(ws.path / f"{group}.log", "wb")  # noqa: SIM115 - handed to the child
+        env_one = {**env, "KAFKAWORKERS_DATA_DIR": str(ws.path / "data" / group)}
+        procs.append((name, subprocess.Popen(argv, env=env_one, cwd=ws.path, stdout=log, stderr=subprocess.STDOUT)))
+        log.close()
+    return procs
+
+
+def _catalogue_skus() -> list[str]:
+    """The SKUs reserva knows: an order naming another one is answered sem_estoque and cancelled."""
+    return [item["sku"] for item in json.loads(CATALOGUE.read_text())]
+
+
+def _ends(broker: Broker, topic: str) -> dict[int, int]:
+    """Each partition's high watermark now (0 for a missing topic)."""
+    meta = broker.admin.list_topics(topic, timeout=10).topics.get(topic)
+    if meta is None or meta.error:
+        return {}
+    probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench-watermarks"})
+    try:
+        return {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+    finally:
+        probe.close()
+
+
+def _wait_ready(broker: Broker, in_topic: str, out_topic: str, start_out: dict[int, int], prefix: str,
+                procs: list[tuple[str, subprocess.Popen[bytes]]], skus: list[str] | None) -> bool:  # fmt: skip
+    """Send a probe order every 0.5 s until one comes out: every consumer has joined."""
+    producer = Producer({**PRODUCER, "bootstrap.servers": broker.bootstrap})
+    consumer = _assigned(broker, out_topic, start_out)
+    encode = msgspec.json.Encoder().encode
+    rng = random.Random(3)
+    deadline = time.monotonic() + READY_TIMEOUT
+    sent = 0
+    try:
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for _, p in procs):
+                return False
+            order_id = f"{prefix}-{sent:04d}"
+            producer.produce(in_topic, encode(make_order(rng, order_id, criado_em=datetime.now(UTC), skus=skus)),
+                             order_id.encode(), headers=[(CORRELATION_HEADER, order_id.encode())])  # fmt: skip
+            producer.flush(5)
+            sent += 1
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                msg = consumer.poll(0.1)
+                if msg is not None and msg.error() is None and msg.value() and prefix.encode() in msg.value():
+                    return True
+        return False
+    finally:
+        consumer.close()
+
+
+def _drain(broker: Broker, out_topic: str, start_out: dict[int, int], prefix: str, expected: int) -> None:
+    """Wait until ``expected`` outputs of this load are on the topic (or the drain timeout)."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    needle = prefix.encode()
+    seen = 0
+    consumer = _assigned(broker, out_topic, start_out)
+    try:
+        while seen < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None and msg.value() and needle in msg.value():
+                    seen += 1
+    finally:
+        consumer.close()
+
+
+def _assigned(broker: Broker, topic: str, start: dict[int, int]) -> Consumer:
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False})  # fmt: skip
+    meta = broker.admin.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in meta.partitions])
+    return consumer
+
+
+def _read(broker: Broker, topic: str, start: dict[int, int], typ: type) -> list[tuple[tuple[int, int], Any]]:
+    """Every message of ``topic`` from ``start`` to the current end, decoded as ``typ``."""
+    ends = _ends(broker, topic)
+    consumer = _assigned(broker, topic, start)
+    decoder = msgspec.json.Decoder(typ)
+    out = []
+    remaining = {p for p, end in ends.items() if end > start.get(p, 0)}
+    deadline = time.monotonic() + 120
+    try:
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error() is not None:
+                    continue
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    remaining.discard(msg.partition())
+                try:
+                    out.append((msg.timestamp(), decoder.decode(msg.value())))
+                except msgspec.DecodeError:
+                    continue
+    finally:
+        consumer.close()
+    return out

@@ -1,0 +1,175 @@
+"""The results: machine description, Markdown tables, and the PASS/FAIL targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.latency import LatencyResult
+from bench.perftools import LIB, PerfResult
+from bench.runner import Contender, RunResult
+
+MIB = 1024.0
+
+
+def _first_line(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
+def machine(versions: dict[str, str]) -> list[str]:
+    """Lines describing where the figures were taken."""
+    cpu = _first_line("/proc/cpuinfo", "model name") or "?"
+    mem_kb = _first_line("/proc/meminfo", "MemTotal")
+    mem = f"{int(mem_kb.split()[0]) / MIB / MIB:.1f} GiB" if mem_kb else "?"
+    jars = sorted(LIB.glob("kafka-server-[0-9]*.jar"))
+    broker = re.sub(r"^kafka-server-|\.jar$", "", jars[-1].name) if jars else "?"
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    except (OSError, IndexError):
+        java = "no java"
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {os.cpu_count()} cores ({cpu}), {mem} RAM, {platform.system()} {platform.release()}",
+        f"- load average (1/5/15 min) when the report was written: {load}",
+        f"- Python {platform.python_version()} ({sys.implementation.name}), every contender",
+        f"- broker: Apache Kafka {broker} (KRaft, single node, local), {java}",
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    ]
+
+
+def _median(values: Iterable[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def _fmt(value: float, digits: int = 0) -> str:
+    if value != value:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def summarize(results: list[RunResult]) -> dict[str, dict]:
+    """Per contender: medians of rate, CPU per 100k, peak RSS over its successful runs."""
+    out: dict[str, dict] = {}
+    for key in dict.fromkeys(r.contender for r in results):
+        runs = [r for r in results if r.contender == key]
+        ok = [r for r in runs if r.ok]
+        out[key] = {
+            "runs": runs,
+            "ok": ok,
+            "rate": _median(r.rate for r in ok),
+            "cpu": _median(r.cpu_per_100k for r in ok),
+            "rss": _median(r.peak_rss_kb / MIB for r in ok),
+            "errors": [r.error for r in runs if not r.ok],
+        }
+    return out
+
+
+def throughput_table(contenders: list[Contender], summary: dict[str, dict], baseline: float) -> list[str]:
+    lines = [
+        "| workload | contender | msgs/s (median) | runs (msgs/s) | CPU s / 100k msgs | peak RSS MiB | vs W2 | notes |",
+        "|---|---|--:|---|--:|--:|--:|---|",
+    ]
+    for c in contenders:
+        s = summary.get(c.key)
+        if s is None:
+            continue
+        runs = ", ".join(_fmt(r.rate) if r.ok else "failed" for r in s["runs"])
+        ratio = s["rate"] / baseline if baseline == baseline and baseline > 0 else float("nan")
+        lines.append(
+            f"| {c.workload} | {c.label} | {_fmt(s['rate'])} | {runs} | {_fmt(s['cpu'], 2)} | {_fmt(s['rss'], 1)} "
+            f"| {_fmt(ratio, 2)} | {_notes(s['ok'])} |"
+        )
+    return lines
+
+
+def _notes(ok: list[RunResult]) -> str:
+    tails = [r.extra["retry_tail_s"] for r in ok if "retry_tail_s" in r.extra]
+    if tails:
+        return f"{_median(tails):.2f} s (median) from the last first-attempt success to the last retry's"
+    return ""
+
+
+def perf_table(results: list[tuple[str, PerfResult]]) -> list[str]:
+    lines = [
+        "| tool | msgs/s (median) | runs | detail (last run) | JVM CPU s | JVM peak RSS MiB |",
+        "|---|--:|---|---|--:|--:|",
+    ]
+    for tool in dict.fromkeys(t for t, _ in results):
+        runs = [r for t, r in results if t == tool]
+        ok = [r for r in runs if r.ok]
+        each = ", ".join(_fmt(r.rate) if r.ok else "failed" for r in runs)
+        cpu = _fmt(_median(r.cpu_s for r in ok), 1)
+        rss = _fmt(_median(r.peak_rss_kb / MIB for r in ok), 0)
+        lines.append(f"| {tool} | {_fmt(_median(r.rate for r in ok))} | {each} | {runs[-1].detail} | {cpu} | {rss} |")
+    return lines
+
+
+def latency_table(results: list[LatencyResult]) -> list[str]:
+    lines = [
+        "| mode | load | target msgs/s | sent msgs/s | out msgs/s | out / sent | p50 ms | p99 ms | p99.9 ms | max ms "
+        "| timestamps | workers' peak RSS MiB (last run) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for mode, pct in dict.fromkeys((r.mode, r.load_pct) for r in results):
+        runs = [r for r in results if r.load_pct == pct and r.mode == mode]
+        ok = [r for r in runs if r.ok]
+        rss = sorted(round(k / MIB) for k in (ok[-1].workers_peak_rss_kb if ok else []))
+        lines.append(
+            f"| {mode} | {pct}% of W2 | {_fmt(runs[0].target_rate)} | {_fmt(_median(r.achieved_rate for r in ok))} "
+            f"| {_fmt(_median(r.out_rate for r in ok))} "
+            f"| {sum(r.matched for r in ok)} / {sum(r.sent for r in ok)} "
+            f"| {_fmt(_median(r.p50 for r in ok), 1)} | {_fmt(_median(r.p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.p999 for r in ok), 1)} | {_fmt(_median(r.max for r in ok), 1)} "
+            f"| {ok[0].timestamp_type if ok else '-'} | {', '.join(map(str, rss)) or '-'} |"
+        )
+    return lines
+
+
+def targets(summary: dict[str, dict], peers: list[str], kw: str, baseline: float,
+            latency: list[LatencyResult]) -> list[str]:  # fmt: skip
+    """The issue's targets as PASS/FAIL lines (FAIL when a figure is missing, with the reason)."""
+    lines = []
+
+    def line(ok: bool | None, text: str) -> None:
+        lines.append(f"- {'PASS' if ok else 'FAIL'}: {text}")
+
+    kw_s = summary.get(kw, {})
+    kw_rate, kw_rss = kw_s.get("rate", float("nan")), kw_s.get("rss", float("nan"))
+    ratio = kw_rate / baseline if baseline == baseline and baseline > 0 else float("nan")
+    line(ratio >= 0.85, f"W3/W2 >= 0.85 (metrics + observer hook on): {_fmt(ratio, 3)}")
+    ran = {p: summary[p] for p in peers if p in summary and summary[p]["ok"]}
+    missing = [p for p in peers if p not in ran]
+    faster = all(kw_rate > s["rate"] for s in ran.values()) and bool(ran)
+    detail = ", ".join(f"{p} {_fmt(s['rate'])}" for p, s in ran.items())
+    line(faster, f"W3 ({_fmt(kw_rate)} msgs/s) faster than every peer: {detail or 'no peer ran'}"
+         + (f" (not measured: {', '.join(missing)})" if missing else ""))  # fmt: skip
+    lighter = all(kw_rss < s["rss"] for s in ran.values()) and bool(ran)
+    detail = ", ".join(f"{p} {_fmt(s['rss'], 1)}" for p, s in ran.items())
+    line(lighter, f"kafkaworkers peak RSS ({_fmt(kw_rss, 1)} MiB) lower than every peer's: {detail or 'no peer ran'}")
+    modes = {r.mode for r in latency}
+    mode = "pipeline" if "pipeline" in modes else "passthrough"
+    quarter = [r for r in latency if r.load_pct == 25 and r.ok and r.mode == mode]
+    p99 = _median(r.p99 for r in quarter)
+    came = f", {sum(r.matched for r in quarter)} of {sum(r.sent for r in quarter)} orders came out" if quarter else ""
+    line(
+        p99 <= 50 and all(r.matched == r.sent for r in quarter),
+        f"W5 p99 <= 50 ms at 25% load ({mode}): {_fmt(p99, 1)} ms{came}" + ("" if quarter else " (not measured)"),
+    )
+    return lines
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
