@@ -2,7 +2,8 @@
 
 Retries are non-blocking, as in Spring Kafka's retry topics: a failed message is
 re-published to the plugin's retry topic for its attempt (``<group>-retry-<n>``), which the
-same worker consumes, pausing that partition until the message is due. After the last
+same worker consumes (in group ``<group>-retry``), pausing that partition until the message
+is due. After the last
 attempt, or at once for a permanent error, it goes to ``<group>-dlq``. Both carry headers
 naming the original topic, partition, offset and the failure.
 """
