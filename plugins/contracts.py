@@ -38,6 +38,12 @@ Email = Annotated[str, Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$
 Country = Annotated[str, Meta(pattern=r"^[A-Z]{2}$")]
 
 
+def reais(centavos: int) -> str:
+    """Cents as Brazilian money, the way every service shows it: ``R$ 12.000,00``."""
+    milhares = f"{centavos // 100:,}".replace(",", ".")
+    return f"R$ {milhares},{centavos % 100:02d}"
+
+
 def new_event_id() -> str:
     return uuid.uuid4().hex
 

@@ -26,6 +26,7 @@ from kafkaworkers_orders.contracts import (
     FraudeVerificado,
     PedidoNovo,
     event_id_for,
+    reais,
 )
 from kafkaworkers_orders.store import Store
 
@@ -91,12 +92,6 @@ class Veredito(NamedTuple):
     fraude: bool
     score: int
     motivos: list[str]
-
-
-def reais(centavos: int) -> str:
-    """Cents as Brazilian money: ``R$ 12.000,00``."""
-    milhares = f"{centavos // 100:,}".replace(",", ".")
-    return f"R$ {milhares},{centavos % 100:02d}"
 
 
 def avaliar(pedido: PedidoNovo, regras: Regras, pedidos_cliente: int, pedidos_cartao: int) -> Veredito:

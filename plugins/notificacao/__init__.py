@@ -42,6 +42,7 @@ from kafkaworkers_orders.contracts import (
     PedidoNovo,
     ProcessoPagamento,
     ProcessoPicking,
+    reais,
 )
 from kafkaworkers_orders.notificacao.channels import Channel, LogChannel, Notificacao, SmtpChannel, WebhookChannel
 from kafkaworkers_orders.store import Store
@@ -171,11 +172,6 @@ def channels_from(config: Mapping[str, Any]) -> list[Channel]:
         else:
             raise ConfigError(f"unknown notificacao channel {name!r}; use log, smtp or webhook")
     return channels
-
-
-def reais(cents: int) -> str:
-    """Brazilian currency format: 123456 → ``R$ 1.234,56``."""
-    return f"R$ {cents // 100:,}".replace(",", ".") + f",{cents % 100:02d}"
 
 
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)

@@ -30,6 +30,7 @@ from kafkaworkers_orders.contracts import (
     ProcessoPagamento,
     ProcessoPicking,
     ReservaEstoque,
+    reais,
 )
 
 __all__ = ["FILE_NAME", "Warehouse", "facts", "reais", "render"]
@@ -89,11 +90,6 @@ def _estado(row: dict[str, Any]) -> str:
 
 #: What the report measures latency to: label → the ``pedidos`` column.
 MILESTONES = {"payment": "pagamento_em", "fraud verdict": "fraude_em", "picking started": "picking_em"}
-
-
-def reais(cents: int) -> str:
-    """Brazilian currency format: 123456 → ``R$ 1.234,56``."""
-    return f"R$ {cents // 100:,}".replace(",", ".") + f",{cents % 100:02d}"
 
 
 def _utc(moment: datetime) -> datetime:
