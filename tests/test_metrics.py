@@ -256,7 +256,7 @@ def test_with_metrics_on_each_consumer_reports_statistics_to_the_lag_gauges() ->
     config["stats_cb"](stats({"0": {"consumer_lag_stored": 2}, "1": {"consumer_lag": 1}}))
     assert value(metrics, "kafkaworkers_consumer_lag", plugin="pinger", topic="pings", partition="0") == 2
     assert value(metrics, "kafkaworkers_consumer_lag", plugin="pinger", topic="pings", partition="1") == 1
-    run._on_revoke(None, list(run.consumer.assignment()))
+    run._on_revoke(run.consumer, list(run.consumer.assignment()))
     assert value(metrics, "kafkaworkers_consumer_lag", plugin="pinger", topic="pings", partition="0") is None
 
 
