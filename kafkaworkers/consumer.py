@@ -7,13 +7,17 @@ The seed's ``consumers/`` (a base, a factory). The loop that drives a consumer i
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from kafkaworkers.config import Settings
-from kafkaworkers.transports import Consumer, Transport, transport_for
+from confluent_kafka import KafkaException
 
-__all__ = ["CONSUMER_DEFAULTS", "consumer_config", "create_consumer"]
+from kafkaworkers.config import Settings
+from kafkaworkers.errors import BrokerUnavailable
+from kafkaworkers.transports import Consumer, TopicPartition, Transport, transport_for
+
+__all__ = ["CONSUMER_DEFAULTS", "consumer_config", "create_consumer", "watermarks"]
 
 CONSUMER_DEFAULTS: dict[str, Any] = {
     # librdkafka's own log lines go through Python logging (and so into JSON logs).
@@ -53,3 +57,16 @@ def create_consumer(
     """A consumer in ``group_id`` that never stores an offset by itself."""
     transport = transport or transport_for(settings.bootstrap_servers)
     return transport.consumer(consumer_config(settings, group_id, extra))
+
+
+def watermarks(consumer: Consumer, partition: TopicPartition, timeout: float = 10.0) -> tuple[int, int]:
+    """A partition's low and high watermarks, asking again while a new topic's leader is elected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=timeout)
+        except KafkaException as exc:
+            if time.monotonic() > deadline:
+                where = f"{partition.topic}[{partition.partition}]"
+                raise BrokerUnavailable(f"cannot read the offsets of {where}: {exc.args[0].str()}") from None
+            time.sleep(0.2)

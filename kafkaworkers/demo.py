@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import msgspec
 
 from kafkaworkers.config import Settings
-from kafkaworkers.consumer import create_consumer
+from kafkaworkers.consumer import create_consumer, watermarks
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
@@ -125,7 +125,7 @@ def _start_at_end(
             ends = []
             for topic in topics:
                 for p in range(partitions.get(topic, 0)):
-                    high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                    high = watermarks(consumer, TopicPartition(topic, p))[1]
                     ends.append(TopicPartition(topic, p, high))
             if ends:
                 consumer.commit(offsets=ends, asynchronous=False)

@@ -62,7 +62,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 from kafkaworkers.api import CORRELATION_HEADER
 from kafkaworkers.clikit import OneLineErrors, admin_config, load_cli_settings, plugin_host, settings_options
 from kafkaworkers.config import Settings
-from kafkaworkers.consumer import consumer_config
+from kafkaworkers.consumer import consumer_config, watermarks
 from kafkaworkers.errors import BrokerUnavailable, KafkaWorkersError, PluginError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
@@ -190,7 +190,7 @@ def read_dead_letters(
     try:
         ends: dict[int, int] = {}
         for p in range(partitions):
-            low, high = _watermarks(consumer, TopicPartition(topic, p))
+            low, high = watermarks(consumer, TopicPartition(topic, p), _METADATA_TIMEOUT)
             if high > low:
                 ends[p] = high
         if not ends:
@@ -453,19 +453,6 @@ def _flush(producer: Any, timeout: float = 120.0) -> None:
 
 def _list_topics(settings: Settings, transport: Transport) -> dict[str, int]:
     return transport.admin(admin_config(settings)).list_topics(timeout=_METADATA_TIMEOUT)
-
-
-def _watermarks(consumer: Any, tp: TopicPartition) -> tuple[int, int]:
-    """A partition's low and high watermarks, asking again while its leader is being elected."""
-    deadline = time.monotonic() + _METADATA_TIMEOUT
-    while True:
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=_METADATA_TIMEOUT)
-        except KafkaException as exc:
-            if time.monotonic() > deadline:
-                where = f"{tp.topic}[{tp.partition}]"
-                raise BrokerUnavailable(f"cannot read the offsets of {where}: {_reason(exc)}") from None
-            time.sleep(0.2)
 
 
 def _reason(exc: KafkaException) -> str:
