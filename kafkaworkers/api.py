@@ -110,6 +110,16 @@ class Context:
             self._headers = parse_headers(self._message.headers())
         return self._headers
 
+    def _header(self, name: str) -> bytes | None:
+        """One header's value (the last one), without building the whole dict on the hot path."""
+        if self._headers is not None:
+            return self._headers.get(name)
+        found = None
+        for key, value in self._message.headers() or ():
+            if key == name:
+                found = value if value is not None else b""
+        return found
+
     @property
     def attempt(self) -> int:
         """1 on first delivery, 2 on the first retry, and so on."""
@@ -139,7 +149,7 @@ class Context:
                 f"plugin {self.plugin.name!r} produced to {topic!r}, which it does not declare; add it to produces="
             )
         out: list[tuple[str, bytes]] = []
-        correlation = self.headers.get(CORRELATION_HEADER)
+        correlation = self._header(CORRELATION_HEADER)
         if correlation is not None and not (headers and CORRELATION_HEADER in headers):
             out.append((CORRELATION_HEADER, correlation))
         if headers:

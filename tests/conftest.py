@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +27,23 @@ FAST_GROUP = {
     "KAFKAWORKERS_CONSUMER_SESSION_TIMEOUT_MS": "6000",
     "KAFKAWORKERS_CONSUMER_HEARTBEAT_INTERVAL_MS": "1000",
 }
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_get(url: str, accept: str | None = None) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET; connection errors raise ``OSError``."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:

@@ -6,8 +6,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,25 +20,9 @@ from kafkaworkers.probes import ProbeServer
 from kafkaworkers.testing import Harness
 from kafkaworkers.transports.memory import MemoryBroker, MemoryTransport
 from kafkaworkers.worker import Worker
-from tests.conftest import KwTest, wait_for
+from tests.conftest import KwTest, free_port, http_get, wait_for
 
 LIVENESS_TIMEOUT = 0.5
-
-
-def get(url: str, accept: str | None = None) -> tuple[int, str, str]:
-    """(status, content type, body) of a GET."""
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.headers["Content-Type"], response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -56,32 +38,32 @@ def server() -> Iterator[tuple[str, dict[str, tuple[bool, str]]]]:
 
 def test_probes_answer_200_or_503_with_a_one_line_reason_and_healthz_is_livez(server) -> None:
     base, state = server
-    assert get(f"{base}/livez") == (200, "text/plain; charset=utf-8", "alive\n")
-    assert get(f"{base}/healthz") == (200, "text/plain; charset=utf-8", "alive\n")
-    assert get(f"{base}/readyz") == (503, "text/plain; charset=utf-8", "waiting to join groups: echo\n")
+    assert http_get(f"{base}/livez") == (200, "text/plain; charset=utf-8", "alive\n")
+    assert http_get(f"{base}/healthz") == (200, "text/plain; charset=utf-8", "alive\n")
+    assert http_get(f"{base}/readyz") == (503, "text/plain; charset=utf-8", "waiting to join groups: echo\n")
     state["live"] = (False, "consumer loop has not completed an iteration for 31 s\n(more)")
-    assert get(f"{base}/livez")[::2] == (503, "consumer loop has not completed an iteration for 31 s (more)\n")
-    assert get(f"{base}/healthz")[0] == 503
+    assert http_get(f"{base}/livez")[::2] == (503, "consumer loop has not completed an iteration for 31 s (more)\n")
+    assert http_get(f"{base}/healthz")[0] == 503
     state["ready"] = (True, "ready")
-    assert get(f"{base}/readyz?verbose=1")[::2] == (200, "ready\n")
+    assert http_get(f"{base}/readyz?verbose=1")[::2] == (200, "ready\n")
 
 
 def test_unknown_paths_are_404(server) -> None:
     base, _ = server
     for path in ("/", "/nope", "/metrics/x", "/livez/"):
-        status, _, body = get(base + path)
+        status, _, body = http_get(base + path)
         assert status == 404, path
         assert "/metrics" in body
 
 
 def test_metrics_are_prometheus_text_unless_the_scraper_asks_for_openmetrics(server) -> None:
     base, _ = server
-    status, content_type, body = get(f"{base}/metrics")
+    status, content_type, body = http_get(f"{base}/metrics")
     assert status == 200
     assert content_type.startswith("text/plain; version=0.0.4")
     assert 'kafkaworkers_build_info{version="' in body
 
-    status, content_type, body = get(f"{base}/metrics", accept="application/openmetrics-text; version=1.0.0")
+    status, content_type, body = http_get(f"{base}/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert status == 200
     assert content_type.startswith("application/openmetrics-text; version=1.0.0")
     assert body.endswith("# EOF\n")
@@ -94,7 +76,10 @@ def test_a_check_that_raises_answers_503_instead_of_dropping_the_connection() ->
 
     probe = ProbeServer("127.0.0.1", 0, Metrics().registry, live=broken, ready=broken).start()
     try:
-        assert get(f"http://127.0.0.1:{probe.port}/livez")[::2] == (503, "/livez check failed: RuntimeError: boom\n")
+        assert http_get(f"http://127.0.0.1:{probe.port}/livez")[::2] == (
+            503,
+            "/livez check failed: RuntimeError: boom\n",
+        )
     finally:
         probe.close()
 
@@ -104,7 +89,7 @@ def test_a_client_that_connects_and_never_asks_does_not_hold_the_server(server) 
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
         started = time.monotonic()
-        assert get(f"{base}/livez")[0] == 200
+        assert http_get(f"{base}/livez")[0] == 200
         assert time.monotonic() - started < 2
 
 
@@ -151,22 +136,22 @@ def test_livez_turns_503_while_the_loop_is_wedged_and_200_again_after(tmp_path: 
     thread = threading.Thread(target=loop, name="worker-loop")
     thread.start()
     try:
-        wait_for(lambda: get(f"{base}/readyz")[0] == 200, 10, "/readyz 200 once the worker joined")
-        assert get(f"{base}/livez")[::2] == (200, "alive\n")
+        wait_for(lambda: http_get(f"{base}/readyz")[0] == 200, 10, "/readyz 200 once the worker joined")
+        assert http_get(f"{base}/livez")[::2] == (200, "alive\n")
 
         harness.produce("jobs", Job(block=True))
         assert wedge.entered.wait(10), "the handler was never called"
         _, _, reason = wait_for(
-            lambda: (r := get(f"{base}/livez"))[0] == 503 and r, 10, "/livez 503 while the handler blocks"
+            lambda: (r := http_get(f"{base}/livez"))[0] == 503 and r, 10, "/livez 503 while the handler blocks"
         )
         assert reason.startswith("consumer loop has not completed an iteration for ") and reason.count("\n") == 1
-        assert get(f"{base}/healthz")[0] == 503
+        assert http_get(f"{base}/healthz")[0] == 503
         # The endpoint keeps answering while the loop is stuck, and stays ready: being stuck is liveness' business.
-        assert get(f"{base}/metrics")[0] == 200
-        assert get(f"{base}/readyz")[0] == 200
+        assert http_get(f"{base}/metrics")[0] == 200
+        assert http_get(f"{base}/readyz")[0] == 200
 
         wedge.release.set()
-        wait_for(lambda: get(f"{base}/livez")[0] == 200, 10, "/livez 200 after the handler returned")
+        wait_for(lambda: http_get(f"{base}/livez")[0] == 200, 10, "/livez 200 after the handler returned")
         registry = harness.metrics.registry
         labels = {"plugin": "wedge", "topic": "jobs", "outcome": "ok"}
         wait_for(
@@ -196,11 +181,11 @@ def test_readyz_is_503_until_the_worker_reached_the_broker_and_joined(tmp_path: 
     probe.start()
     readyz = f"http://127.0.0.1:{probe.port}/readyz"
     try:
-        assert get(readyz)[::2] == (503, "broker not reached yet\n")
+        assert http_get(readyz)[::2] == (503, "broker not reached yet\n")
         worker.start(broker_wait=0)
-        assert get(readyz)[::2] == (503, "waiting to join groups: wedge\n")
+        assert http_get(readyz)[::2] == (503, "waiting to join groups: wedge\n")
         worker.run_once(timeout=0.05)  # the assignment arrives inside consume()
-        assert get(readyz)[::2] == (200, "ready\n")
+        assert http_get(readyz)[::2] == (200, "ready\n")
     finally:
         probe.close()
         worker.close()
@@ -214,14 +199,14 @@ def test_a_worker_process_waiting_for_an_unreachable_broker_is_alive_but_not_rea
 
     def answered(path: str) -> tuple[int, str, str] | None:
         try:
-            return get(base + path)
+            return http_get(base + path)
         except OSError:
             return None  # not listening yet
 
     readyz = wait_for(lambda: answered("/readyz"), 30, "the worker's /readyz to answer")
     assert readyz[::2] == (503, "broker not reached yet\n")
-    assert get(f"{base}/livez")[::2] == (200, "alive\n")
-    assert get(f"{base}/metrics")[0] == 200
+    assert http_get(f"{base}/livez")[::2] == (200, "alive\n")
+    assert http_get(f"{base}/metrics")[0] == 200
     assert proc.poll() is None, kwtest.log()
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)

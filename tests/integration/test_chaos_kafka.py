@@ -40,7 +40,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -54,7 +53,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, wait_for
+from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -222,12 +221,6 @@ class QuietKafka(KafkaHelper):
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.admin = AdminClient({"bootstrap.servers": bootstrap, "logger": CLIENT_LOG})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class OwnBroker:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kafkaworkers import __version__
-from tests.conftest import ROOT, KafkaHelper, KwTest, wait_for
+from tests.conftest import ROOT, KafkaHelper, KwTest, free_port, http_get, wait_for
 from tests.test_metrics import require_tool
 
 pytestmark = pytest.mark.kafka
@@ -24,26 +23,10 @@ pytestmark = pytest.mark.kafka
 DASHBOARD = ROOT / "dashboards" / "kafkaworkers.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, accept: str | None = None) -> tuple[int, str, str]:
-    """(status, content type, body) of a GET; connection errors raise ``OSError``."""
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.headers["Content-Type"], response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers["Content-Type"], exc.read().decode()
-
-
 def scrape(port: int) -> str | None:
     """The worker's /metrics text, or ``None`` while its HTTP server is not up yet."""
     try:
-        status, _, body = get(f"http://127.0.0.1:{port}/metrics")
+        status, _, body = http_get(f"http://127.0.0.1:{port}/metrics")
     except OSError:
         return None
     return body if status == 200 else None
@@ -130,9 +113,9 @@ def test_counters_match_what_was_sent_lag_drains_to_zero_and_promtool_accepts_th
     assert not (check.stdout + check.stderr).strip(), "promtool has lint remarks"
 
     base = f"http://127.0.0.1:{port}"
-    assert get(f"{base}/readyz")[::2] == (200, "ready\n")
-    assert get(f"{base}/livez")[::2] == (200, "alive\n")
-    assert get(f"{base}/nope")[0] == 404
+    assert http_get(f"{base}/readyz")[::2] == (200, "ready\n")
+    assert http_get(f"{base}/livez")[::2] == (200, "alive\n")
+    assert http_get(f"{base}/nope")[0] == 404
 
 
 def test_a_breaker_forced_open_reads_2_and_pauses_partitions_while_nothing_is_handled(
@@ -162,7 +145,7 @@ def test_a_breaker_forced_open_reads_2_and_pauses_partitions_while_nothing_is_ha
     assert metrics.sum("kafkaworkers_messages_produced_total") == 0
     assert kwtest.handled() == []
     # Paused on an open breaker is healthy, not stuck.
-    assert get(f"http://127.0.0.1:{port}/livez")[0] == 200
+    assert http_get(f"http://127.0.0.1:{port}/livez")[0] == 200
 
 
 def test_a_prometheus_server_scrapes_the_worker_and_the_dashboard_queries_run(
@@ -190,7 +173,7 @@ def test_a_prometheus_server_scrapes_the_worker_and_the_dashboard_queries_run(
 
     def query(expr: str) -> dict:
         try:
-            return json.loads(get(api + urllib.parse.quote(expr))[2])
+            return json.loads(http_get(api + urllib.parse.quote(expr))[2])
         except (OSError, ValueError):
             return {}
 

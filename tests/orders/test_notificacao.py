@@ -6,7 +6,6 @@ import email
 import email.policy
 import json
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from kafkaworkers_orders.contracts import (
     ProcessoPicking,
 )
 from kafkaworkers_orders.notificacao.channels import SmtpChannel, WebhookChannel
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 ORDER = "PED-0001"
 
@@ -51,12 +50,6 @@ def pedido(order_id: str = ORDER, email: str = "maria.souza@exemplo.com.br") -> 
 
 def pagamento(status: str, order_id: str = ORDER) -> ProcessoPagamento:
     return ProcessoPagamento(order_id=order_id, status=status, valor_centavos=9980)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Inbox:
