@@ -33,6 +33,7 @@ from bench.broker import Broker
 from bench.common import PRODUCER, percentile
 from bench.orders import CORRELATION_HEADER, make_order
 from bench.runner import KW, Contender, Workspace
+from kafkaworkers.consumer import watermarks
 
 PIPELINE = ("reserva", "notificacao", "fraude", "relatorios", "picking", "pagamento")
 CATALOGUE = runner.ROOT / "plugins" / "reserva" / "catalogo.json"
@@ -78,13 +79,21 @@ class LatencyResult:
     workers_peak_rss_kb: list[int] = field(default_factory=list)
 
 
-def pipeline_status() -> tuple[bool, str]:
-    """Whether the six-service order pipeline is installed, and what was found."""
+def _installed_plugins() -> list[dict[str, Any]]:
+    """``kafkaworkers plugins --format json`` as the pipeline's processes will see it."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KAFKAWORKERS_DISABLE_PLUGINS")}
     proc = subprocess.run([str(KW), "plugins", "--format", "json"], capture_output=True, text=True, env=env, cwd="/")
     if proc.returncode != 0:
-        return False, f"`kafkaworkers plugins` failed: {proc.stderr.strip()[-300:]}"
-    rows = json.loads(proc.stdout or "[]")
+        raise RuntimeError(f"`kafkaworkers plugins` failed: {proc.stderr.strip()[-300:]}")
+    return json.loads(proc.stdout or "[]")
+
+
+def pipeline_status() -> tuple[bool, str]:
+    """Whether the six-service order pipeline is installed, and what was found."""
+    try:
+        rows = _installed_plugins()
+    except RuntimeError as exc:
+        return False, str(exc)
     names = sorted(r["name"] for r in rows)
     missing = [p for p in PIPELINE if p not in names]
     if missing or not any(OUT_TOPIC in r["produces"] for r in rows):
@@ -104,6 +113,7 @@ def run(
         broker.create(out_topic, config={"message.timestamp.type": "LogAppendTime"})
     else:
         in_topic, out_topic = IN_TOPIC, OUT_TOPIC
+        _create_pipeline_topics(broker)
     skus = _catalogue_skus() if mode == "pipeline" else None
     start_in, start_out = _ends(broker, in_topic), _ends(broker, out_topic)
     try:
@@ -180,6 +190,15 @@ def _start_pipeline(ws: Workspace, tag: str) -> list[tuple[str, subprocess.Popen
     return procs
 
 
+def _create_pipeline_topics(broker: Broker) -> None:
+    """Create the pipeline's topics a fresh broker lacks, with the orders topic's 6 partitions."""
+    rows = [r for r in _installed_plugins() if r["name"] in PIPELINE]
+    declared = {t for r in rows for t in (*r["consumes"], *r["produces"])}
+    missing = sorted(declared - broker.topics())
+    if missing:
+        broker.create(*missing)
+
+
 def _catalogue_skus() -> list[str]:
     """The SKUs reserva knows: an order naming another one is answered sem_estoque and cancelled."""
     return [item["sku"] for item in json.loads(CATALOGUE.read_text())]
@@ -192,7 +211,7 @@ def _ends(broker: Broker, topic: str) -> dict[int, int]:
         return {}
     probe = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench-watermarks"})
     try:
-        return {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta.partitions}
+        return {p: watermarks(probe, TopicPartition(topic, p))[1] for p in meta.partitions}
     finally:
         probe.close()
 
@@ -228,7 +247,7 @@ def _wait_ready(broker: Broker, in_topic: str, out_topic: str, start_out: dict[i
 def _drain(broker: Broker, out_topic: str, start_out: dict[int, int], prefix: str, expected: int) -> None:
     """Wait until ``expected`` outputs of this load are on the topic (or the drain timeout)."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    needle = prefix.encode()
+    needle = b'"' + prefix.encode()  # an order id that starts with the prefix (not the warm-up order)
     seen = 0
     consumer = _assigned(broker, out_topic, start_out)
     try:
