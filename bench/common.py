@@ -34,17 +34,22 @@ __all__ = [
 
 #: librdkafka consumer settings of every confluent-kafka-based contender (kafkaworkers, the
 #: raw loops, faststream[confluent], quixstreams). Prefetch is bounded the same way for all,
-#: so resident memory is comparable. Offsets: stored by the application after the work is
-#: acknowledged, committed in the background every second.
+#: so resident memory is comparable: the values are kafkaworkers' own consumer defaults
+#: (``kafkaworkers.consumer.CONSUMER_DEFAULTS``; this module also runs in the peers' venvs,
+#: which lack kafkaworkers). ``fetch.queue.backoff.ms`` matters as much as the bound: with
+#: librdkafka's 1 s default, a loop that drains a full queue waits a second for the next fetch.
+#: Offsets: stored by the application after the work is acknowledged, committed in the
+#: background every second.
 CONSUMER: dict[str, Any] = {
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",
     "enable.auto.commit": True,
     "auto.commit.interval.ms": 1000,
     "enable.auto.offset.store": False,
-    "queued.max.messages.kbytes": 8192,
-    "fetch.max.bytes": 8 * 1024 * 1024,
-    "max.partition.fetch.bytes": 1024 * 1024,
+    "queued.max.messages.kbytes": 2048,
+    "fetch.queue.backoff.ms": 10,
+    "fetch.max.bytes": 2 * 1024 * 1024,
+    "max.partition.fetch.bytes": 512 * 1024,
 }
 
 #: librdkafka producer settings: idempotent, fully acknowledged writes (kafkaworkers' defaults).
@@ -61,7 +66,8 @@ PRODUCER: dict[str, Any] = {
 #: The prefetch bounds alone, for frameworks that manage commits themselves (they are given
 #: these and the producer settings, never the offset-handling keys above).
 PREFETCH: dict[str, Any] = {
-    k: CONSUMER[k] for k in ("queued.max.messages.kbytes", "fetch.max.bytes", "max.partition.fetch.bytes")
+    k: CONSUMER[k]
+    for k in ("queued.max.messages.kbytes", "fetch.queue.backoff.ms", "fetch.max.bytes", "max.partition.fetch.bytes")
 }
 
 #: The nearest aiokafka equivalents (aiokafka-based peers: faststream[kafka], faust, aiokafka).

@@ -29,6 +29,13 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     # only ever what the loop stored, and it stores only finished, acknowledged work.
     "enable.auto.commit": True,
     "auto.commit.interval.ms": 1000,
+    # Prefetch about 0.1 s of a busy topic, not librdkafka's 64 MiB: a worker's memory stays
+    # small and a rebalance or pause drops little. With a queue this short, librdkafka's 1 s
+    # backoff after a full queue would idle the loop: re-check every 10 ms instead.
+    "queued.max.messages.kbytes": 2048,
+    "fetch.queue.backoff.ms": 10,
+    "fetch.max.bytes": 2 * 1024 * 1024,
+    "max.partition.fetch.bytes": 512 * 1024,
 }
 
 #: Never overridable: the loop, not librdkafka, decides which offsets are done.

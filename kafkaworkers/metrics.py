@@ -2,7 +2,10 @@
 
 Label values are bounded (plugin, topic, partition, outcome, breaker names), never an id,
 key, offset or error text. Every label child is resolved once and cached, and the loop
-updates counters once per batch, not per message.
+updates counters once per batch, not per message. The one per-message metric, the handler
+duration, is a plain bucket count in :class:`HandlerDurations` that ``/metrics`` reads at
+scrape time: a ``prometheus_client`` histogram's ``observe()`` (a lock and two value
+objects) cost more than the rest of the framework's per-message work.
 
 Consumer lag comes from librdkafka's own statistics: the worker sets
 ``statistics.interval.ms`` and a ``stats_cb`` on each plugin's consumer, librdkafka calls it
@@ -14,16 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection
+from bisect import bisect_left
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from kafkaworkers import __version__
 from kafkaworkers.breaker import STATE_VALUES, CircuitBreaker
 
-__all__ = ["LAG_STATS_INTERVAL_MS", "OUTCOMES", "Metrics", "PluginMetrics", "consumer_lags"]
+__all__ = ["LAG_STATS_INTERVAL_MS", "OUTCOMES", "HandlerDurations", "Metrics", "PluginMetrics", "consumer_lags"]
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +61,10 @@ class Metrics:
         self.produced = Counter(
             "kafkaworkers_messages_produced", "Messages produced by handlers.", ["plugin", "topic"], registry=r
         )
-        self.duration = Histogram(
-            "kafkaworkers_handler_duration_seconds",
-            "Time spent in a handler per message.",
-            ["plugin", "topic"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
+        self.duration = _DurationCollector(
+            "kafkaworkers_handler_duration_seconds", "Time spent in a handler per message.", _DURATION_BUCKETS
         )
+        r.register(self.duration)
         self.batch_size = Histogram(
             "kafkaworkers_batch_size", "Messages per consume batch.", ["plugin"], buckets=_BATCH_BUCKETS, registry=r
         )
@@ -124,12 +127,12 @@ class PluginMetrics:
     def produced(self, topic: str) -> Counter:
         return self._child(self._m.produced, topic)
 
-    def duration(self, topic: str) -> Histogram:
-        """The topic's handler-duration child; also creates its counters at 0 (see the class doc)."""
+    def duration(self, topic: str) -> HandlerDurations:
+        """The topic's handler durations; also creates its counters at 0 (see the class doc)."""
         self.consumed(topic)
         for outcome in OUTCOMES:
             self.handled(topic, outcome)
-        return self._child(self._m.duration, topic)
+        return self._m.duration.child(self.plugin, topic)
 
     def lag(self, topic: str, partition: int) -> Gauge:
         return self._child(self._m.lag, topic, str(partition))
@@ -158,6 +161,54 @@ class PluginMetrics:
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Read the breaker's state at scrape time, so an idle plugin never shows a stale state."""
         self._child(self._m.breaker_state, breaker.name).set_function(lambda: STATE_VALUES[breaker.state])
+
+
+class HandlerDurations:
+    """One (plugin, topic)'s handler durations: a count per bucket and a sum, kept by the loop's thread.
+
+    ``/metrics`` copies the counts when scraped; only the loop writes them, so no lock is taken.
+    """
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        #: Observations per bucket, not cumulative; the last one is ``+Inf``.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: the first bound >= seconds, as Prometheus buckets are "less or equal".
+        self.counts[bisect_left(self._bounds, seconds)] += 1
+        self.sum += seconds
+
+
+class _DurationCollector:
+    """Serves every :class:`HandlerDurations` as one Prometheus histogram family."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in bounds)
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self._children: dict[tuple[str, str], HandlerDurations] = {}
+
+    def child(self, plugin: str, topic: str) -> HandlerDurations:
+        return self._children.setdefault((plugin, topic), HandlerDurations(self.bounds))
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=("plugin", "topic"))]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=("plugin", "topic"))
+        for (plugin, topic), child in list(self._children.items()):
+            total = 0
+            buckets = []
+            for le, count in zip(self._le, list(child.counts), strict=True):
+                total += count
+                buckets.append((le, total))
+            family.add_metric((plugin, topic), buckets, child.sum)
+        yield family
 
 
 class _PartitionStats(msgspec.Struct):

@@ -302,3 +302,20 @@ def test_the_docs_describe_every_metric_and_every_dashboard_panel() -> None:
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel["title"] in docs, panel["title"]
+
+
+def test_handler_durations_count_each_observation_in_its_le_bucket_and_serve_them_cumulatively() -> None:
+    metrics = Metrics()
+    durations = metrics.for_plugin("timer").duration("jobs")
+    observed = (0.0001, 0.00011, 0.003, 0.003, 42.0)  # a bound itself belongs to its bucket ("le")
+    for seconds in observed:
+        durations.observe(seconds)
+
+    def bucket(le: str) -> float | None:
+        return value(metrics, "kafkaworkers_handler_duration_seconds_bucket", plugin="timer", topic="jobs", le=le)
+
+    assert (bucket("0.0001"), bucket("0.00025"), bucket("0.0025"), bucket("0.005"), bucket("10.0")) == (1, 2, 2, 4, 4)
+    assert bucket("+Inf") == value(metrics, "kafkaworkers_handler_duration_seconds_count", plugin="timer", topic="jobs")
+    assert bucket("+Inf") == 5
+    total = value(metrics, "kafkaworkers_handler_duration_seconds_sum", plugin="timer", topic="jobs")
+    assert total == pytest.approx(sum(observed))

@@ -19,8 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from kafkaworkers import KafkaWorkersError
 from kafkaworkers_orders.contracts import (
     Event,
@@ -140,6 +138,10 @@ class Warehouse:
         self.path = path
         if read_only and not path.is_file():
             raise KafkaWorkersError(f"no warehouse at {path}; run the relatorios plugin first or pass --data-dir")
+        # Imported here, not at the top: every `kafkaworkers run` loads all installed plugins,
+        # and DuckDB's ~10 MiB of resident memory belongs only in the process that runs relatorios.
+        import duckdb
+
         try:
             self.db = duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
