@@ -60,6 +60,7 @@ class _Picking(msgspec.Struct):
 @dataclass
 class LatencyResult:
     mode: str
+    #: Percent of the W2 rate; 0 for a load given in orders/s (``--w5-pipeline-rates``).
     load_pct: int
     rep: int
     target_rate: float
@@ -77,6 +78,10 @@ class LatencyResult:
     timestamp_type: str = ""
     workers_cpu_s: float = 0.0
     workers_peak_rss_kb: list[int] = field(default_factory=list)
+
+    @property
+    def load(self) -> str:
+        return f"{self.load_pct}% of W2" if self.load_pct else f"{self.target_rate:,.0f} orders/s"
 
 
 def _installed_plugins() -> list[dict[str, Any]]:
@@ -105,7 +110,8 @@ def run(
     ws: Workspace, broker: Broker, mode: str, load_pct: int, rate: float, seconds: float, rep: int
 ) -> LatencyResult:
     result = LatencyResult(mode, load_pct, rep, rate)
-    tag = f"w5-{load_pct}-r{rep}"
+    key = str(load_pct) if load_pct else f"{rate:.0f}ps"
+    tag = f"w5-{key}-r{rep}"
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     if mode == "passthrough":
         in_topic, out_topic = f"{ws.prefix}-{tag}-orders", f"{ws.prefix}-{tag}-picking"
@@ -127,7 +133,7 @@ def run(
             result.error = f"no {out_topic} output within {READY_TIMEOUT:.0f} s of start"
             return result
         load_spec = runner.make_spec(LOAD, ws, in_topic, out_topic, 0, tag)
-        load_spec.options.update(rate=rate, seconds=seconds, id_prefix=f"{ws.prefix[-6:]}{load_pct}r{rep}", skus=skus)
+        load_spec.options.update(rate=rate, seconds=seconds, id_prefix=f"{ws.prefix[-6:]}{key}r{rep}", skus=skus)
         load = runner.run_contender(LOAD, load_spec, ws, rep, timeout=seconds * 3 + 60)
         if not load.ok:
             result.error = f"load producer failed: {load.error}"

@@ -123,12 +123,12 @@ def latency_table(results: list[LatencyResult]) -> list[str]:
         "| timestamps | workers' peak RSS MiB (last run) |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
-    for mode, pct in dict.fromkeys((r.mode, r.load_pct) for r in results):
-        runs = [r for r in results if r.load_pct == pct and r.mode == mode]
+    for mode, load in dict.fromkeys((r.mode, r.load) for r in results):
+        runs = [r for r in results if r.load == load and r.mode == mode]
         ok = [r for r in runs if r.ok]
         rss = sorted(round(k / MIB) for k in (ok[-1].workers_peak_rss_kb if ok else []))
         lines.append(
-            f"| {mode} | {pct}% of W2 | {_fmt(runs[0].target_rate)} | {_fmt(_median(r.achieved_rate for r in ok))} "
+            f"| {mode} | {load} | {_fmt(runs[0].target_rate)} | {_fmt(_median(r.achieved_rate for r in ok))} "
             f"| {_fmt(_median(r.out_rate for r in ok))} "
             f"| {sum(r.matched for r in ok)} / {sum(r.sent for r in ok)} "
             f"| {_fmt(_median(r.p50 for r in ok), 1)} | {_fmt(_median(r.p99 for r in ok), 1)} "
@@ -164,6 +164,17 @@ def targets(summary: dict[str, dict], peers: list[str], kw: str, baseline: float
     quarter = [r for r in latency if r.load_pct == 25 and r.ok and r.mode == mode]
     p99 = _median(r.p99 for r in quarter)
     came = f", {sum(r.matched for r in quarter)} of {sum(r.sent for r in quarter)} orders came out" if quarter else ""
+    behind = [
+        r
+        for r in latency
+        if r.mode == mode and r.load_pct and r.ok and (r.matched < r.sent or r.out_rate < 0.9 * r.achieved_rate)
+    ]
+    if behind:
+        # Saturated: the out rate is what the workers can do on this machine at all.
+        came += (
+            f"; the {mode} keeps up with at most {_fmt(max(r.out_rate for r in behind))} orders/s here, "
+            f"below the {_fmt(min(r.target_rate for r in behind))} orders/s asked"
+        )
     line(
         p99 <= 50 and all(r.matched == r.sent for r in quarter),
         f"W5 p99 <= 50 ms at 25% load ({mode}): {_fmt(p99, 1)} ms{came}" + ("" if quarter else " (not measured)"),

@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w5-reps", type=int, help="repetitions of each W5 load (default: --reps)")
     p.add_argument("--w5-loads", default="25,50", help="W5 load levels, percent of the W2 rate (default 25,50)")
     p.add_argument(
+        "--w5-pipeline-rates",
+        default="100",
+        help="further W5 pipeline loads in orders/s, at which the six services keep up (default 100; '' for none)",
+    )
+    p.add_argument(
         "--w5-mode",
         choices=("auto", "pipeline", "passthrough"),
         default="auto",
@@ -220,13 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                     broker.fill(orders, order_stream(n, prefix[-6:]))
                 base = run_contender(c, make_spec(c, ws, orders, out, n, "w5base"), ws, 0, timeout).rate
             modes, w5_note = _w5_modes(args.w5_mode)
-            loads = [int(x) for x in args.w5_loads.split(",") if x.strip()]
+            loads = [(int(x), base * int(x) / 100) for x in args.w5_loads.split(",") if x.strip()]
+            absolute = [(0, float(x)) for x in args.w5_pipeline_rates.split(",") if x.strip()]
             for rep in range(args.w5_reps or args.reps):
                 for mode in modes:
-                    for pct in loads:
-                        r = latency.run(ws, broker, mode, pct, base * pct / 100, args.w5_seconds, rep)
+                    for pct, rate in loads + (absolute if mode == "pipeline" else []):
+                        r = latency.run(ws, broker, mode, pct, rate, args.w5_seconds, rep)
                         lat.append(r)
-                        say(f"W5 {mode} {pct}% r{rep}: " + (
+                        say(f"W5 {mode} {r.load} r{rep}: " + (
                             f"p50 {r.p50:.1f} ms, p99 {r.p99:.1f} ms, p99.9 {r.p999:.1f} ms, {r.matched}/{r.sent} out, "
                             f"sent {r.achieved_rate:,.0f} msgs/s, out {r.out_rate:,.0f} msgs/s"
                             if r.ok else f"failed: {r.error}"))  # fmt: skip
