@@ -264,3 +264,20 @@ def test_impossible_thresholds_are_refused(options: dict[str, object]) -> None:
     base: dict[str, object] = dict(window=4, min_calls=2)
     with pytest.raises(ValueError, match="bad thresholds"):
         CircuitBreaker("db", **{**base, **options})  # type: ignore[arg-type]
+
+
+def test_without_a_timeout_calls_run_on_the_callers_thread_and_still_count(
+    make: Callable[..., CircuitBreaker],
+) -> None:
+    breaker = make(timeout=None, min_calls=2, window=2, failure_rate=1.0)
+    assert breaker.call(threading.get_ident) == threading.get_ident()
+
+    def boom() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        breaker.call(boom)
+    with pytest.raises(CircuitOpenError) as tripped:
+        breaker.call(boom)
+    assert isinstance(tripped.value.__cause__, ConnectionError)
+    assert breaker.state == OPEN

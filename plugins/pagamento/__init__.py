@@ -3,7 +3,10 @@
 Consumes ``pedido-novo`` and ``pedido-cancelado``, publishes ``processo-pagamento``. The
 gateway (:mod:`.gateway`; ``gateway = "simulated" | "http"`` in ``[plugins.pagamento]``) is
 called through the ``gateway`` circuit breaker, so an outage pauses the worker instead of
-burning retries. Declines are results, never exceptions, so they never trip the breaker.
+burning retries. The gateways bound each call with their own timeout (``gateway_timeout``,
+10 s), so the breaker calls them on the worker's thread: a hand-off to a helper thread per
+charge made pagamento the slowest service of the pipeline. Declines are results, never
+exceptions, so they never trip the breaker.
 
 Exactly-once money movement rests on two keys. The gateway call cannot share a transaction
 with SQLite, so the charge's idempotency key is the order id (the refund's, the order id plus
@@ -139,7 +142,7 @@ plugin = Plugin(
 gateway_breaker = plugin.breaker(
     # A declined card returns normally and a rejected request (4xx) raises PermanentError:
     # both are answers from a healthy gateway, so neither counts towards opening the breaker.
-    "gateway", failure_rate=0.5, window=20, min_calls=5, wait=30.0, probes=2, timeout=10.0, ignore=(PermanentError,)
+    "gateway", failure_rate=0.5, window=20, min_calls=5, wait=30.0, probes=2, timeout=None, ignore=(PermanentError,)
 )
 
 _cobrancas: Cobrancas | None = None
@@ -150,13 +153,12 @@ def start(env: PluginEnv) -> None:
     global _cobrancas
     config = env.config
     timeout = float(config.get("gateway_timeout", 10.0))
-    gateway_breaker.timeout = timeout
     # Start closed, as a new process would, even when this plugin object ran before.
     gateway_breaker.reset()
     kind = config.get("gateway", "simulated")
     gateway: Gateway
     if kind == "simulated":
-        gateway = SimulatedGateway(env.data_dir / "gateway.sqlite3", delay=2 * timeout)
+        gateway = SimulatedGateway(env.data_dir / "gateway.sqlite3", timeout=timeout)
     elif kind == "http":
         if not config.get("gateway_url") or not config.get("gateway_api_key"):
             raise ConfigError('[plugins.pagamento] gateway = "http" needs gateway_url and gateway_api_key')

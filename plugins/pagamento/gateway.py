@@ -73,21 +73,22 @@ class SimulatedGateway:
     """A deterministic gateway whose outcome is chosen by the card token.
 
     ``tok_recusado`` and ``tok_sem_saldo`` are declined, ``tok_erro`` raises
-    :class:`GatewayError`, ``tok_timeout`` answers only after ``delay`` seconds (approved,
-    like a charge that went through while the caller gave up), any other token is approved.
+    :class:`GatewayError`, ``tok_timeout`` is approved but its answer is lost: the call raises
+    :class:`GatewayError` after ``timeout`` seconds, as an HTTP client would (a charge that
+    went through while the caller gave up); any other token is approved.
     Setting :attr:`down` makes every call fail, for taking the gateway down in fault tests.
 
     :param ledger: the SQLite file of its charges and refunds, keyed by idempotency key.
-    :param delay: how long ``tok_timeout`` takes; longer than the caller's timeout.
+    :param timeout: how long a ``tok_timeout`` call waits for its lost answer.
     """
 
-    def __init__(self, ledger: Path, delay: float = 30.0) -> None:
+    def __init__(self, ledger: Path, timeout: float = 10.0) -> None:
         self.store = Store(ledger, _LEDGER)
-        self.delay = delay
+        self.timeout = timeout
         self.down = False
         #: Charge calls per idempotency key, replays included.
         self.charge_calls: Counter[str] = Counter()
-        # A timed-out call finishes on the breaker's thread while the next one starts here.
+        # One SQLite connection, used from whichever thread calls (the worker's, a test's).
         self._lock = threading.Lock()
 
     def charge(self, idempotency_key: str, amount_cents: int, card: Cartao) -> ChargeResult:
@@ -98,14 +99,15 @@ class SimulatedGateway:
             return recorded
         if card.token == "tok_erro":
             raise GatewayError("erro no processador do cartão")
-        if card.token == "tok_timeout":
-            time.sleep(self.delay)
         motivo = _DECLINES.get(card.token, "")
         row = ("recusado" if motivo else "aprovado", f"tx_{uuid.uuid4().hex[:16]}", motivo, amount_cents)
         with self._lock, self.store.transaction() as db:
             # A concurrent call with the same key may have recorded first: its answer stands.
             db.execute("INSERT INTO cobranca VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (idempotency_key, *row))
             status, transacao_id, motivo = db.execute(_SELECT_CHARGE, (idempotency_key,)).fetchone()
+        if card.token == "tok_timeout":
+            time.sleep(self.timeout)
+            raise GatewayError(f"no answer within {self.timeout} s")
         return ChargeResult(status=status, transacao_id=transacao_id, motivo=motivo)
 
     def refund(self, idempotency_key: str, transacao_id: str, amount: int) -> None:
