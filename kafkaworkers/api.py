@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -206,6 +207,7 @@ class Plugin:
         self.breakers: dict[str, CircuitBreaker] = {}
         self._on_start: list[Callable[[PluginEnv], None]] = []
         self._on_stop: list[Callable[[], None]] = []
+        self._around_batch: Callable[[], AbstractContextManager[object]] | None = None
         for topic, typ in (produces or {}).items():
             self.produces(topic, typ)
 
@@ -245,6 +247,26 @@ class Plugin:
         """Decorator: run ``fn()`` once after the last message was committed."""
         self._on_stop.append(fn)
         return fn
+
+    def around_batch(
+        self, fn: Callable[[], AbstractContextManager[object]]
+    ) -> Callable[[], AbstractContextManager[object]]:
+        """Decorator: ``fn()`` gives a context manager that wraps the handling of each batch.
+
+        The worker enters it before the batch's first handler and exits it after the last,
+        before the produced messages are flushed and the offsets stored; if entering or
+        exiting raises, nothing of the batch is stored and the batch is handled again. Use
+        it to commit a database once per batch instead of once per message (each handler
+        still needs its own savepoint, so a failed message leaves nothing behind).
+        """
+        if self._around_batch is not None:
+            raise PluginError(f"plugin {self.name!r} declares around_batch twice")
+        self._around_batch = fn
+        return fn
+
+    def batch_scope(self) -> AbstractContextManager[object] | None:
+        """The context manager wrapping one batch (see :meth:`around_batch`), or ``None``."""
+        return self._around_batch() if self._around_batch is not None else None
 
     def start(self, env: PluginEnv) -> None:
         """Run the start-up callbacks (the worker calls this)."""

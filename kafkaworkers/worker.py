@@ -5,12 +5,14 @@ consumer in its own group, all sharing the process's producer. The order of a ba
 whole delivery guarantee:
 
 1. ``consume`` a batch; skip partitions that are paused (a retry not yet due, an open breaker);
-2. decode and handle each message; a failure is re-published to a retry or dead-letter
-   topic instead (:mod:`kafkaworkers.retry`);
+2. decode and handle each message, inside the plugin's ``around_batch`` scope if it has one
+   (a database transaction committed once per batch); a failure is re-published to a retry
+   or dead-letter topic instead (:mod:`kafkaworkers.retry`);
 3. ``flush`` the producer: every message the handlers, retries and dead letters produced is
    acknowledged by the broker, or failed;
 4. only then store each partition's next offset (librdkafka commits stored offsets in the
-   background); if any delivery failed, store nothing and rewind the batch's partitions.
+   background); if any delivery failed, or the scope failed to begin or commit, store
+   nothing and rewind the batch's partitions.
 
 A crash anywhere re-delivers from the last stored offset: at-least-once, nothing lost.
 """
@@ -21,6 +23,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +106,14 @@ class PluginRunner:
         self.paused: dict[tuple[str, int], float] = {}
         self._joined: set[int] = set()
         self._delivery_errors = 0
+        self._scope_error: str | None = None
         self._rewind_backoff = 0.0
         self._error_logged: dict[int, float] = {}
         self._produced: dict[str, int] = defaultdict(int)
         self._send = self._make_send()
+        # Where handlers, retries and dead letters produce to: the producer, or, while a batch
+        # scope is open, a list sent once the scope has committed.
+        self._out = self._send
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
         self._hook_batch = host.has_impl("kafkaworkers_batch_received")
@@ -205,9 +212,10 @@ class PluginRunner:
             return 0
         if self._hook_batch:
             self.host.batch_received(self.plugin, messages)
-        first, last = self._handle(messages)
+        scope = self.plugin.batch_scope()
+        first, last = self._handle(messages) if scope is None else self._handle_in(scope, messages)
         flush()
-        if self._delivery_errors:
+        if self._delivery_errors or self._scope_error:
             self._rewind(first)
         elif last:
             self._rewind_backoff = 0.0
@@ -234,7 +242,7 @@ class PluginRunner:
     def _handle(self, messages: list[Message]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
         routes = self.routes
         plugin = self.plugin
-        send = self._send
+        send = self._out
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         blocked: set[tuple[str, int]] = set()
@@ -286,6 +294,40 @@ class PluginRunner:
             last[tp] = offset
         return first, last
 
+    def _handle_in(
+        self, scope: AbstractContextManager[object], messages: list[Message]
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """:meth:`_handle` inside the plugin's batch scope, producing only after the scope committed.
+
+        Messages are held until then, so nothing downstream ever sees the effect of work the
+        plugin then rolled back. If the scope cannot begin or commit, nothing of the batch
+        counts as done: nothing is produced and every partition is rewound to its first offset.
+        """
+        pending: list[tuple[Any, ...]] = []
+
+        def hold(*message: Any) -> None:
+            pending.append(message)
+
+        self._out = hold
+        try:
+            with scope:
+                first, last = self._handle(messages)
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:
+            self._scope_error = f"{type(exc).__name__}: {exc}"
+            first = {}
+            for msg in messages:
+                if msg.error() is None:
+                    first.setdefault((msg.topic(), msg.partition()), msg.offset())
+            return first, {}
+        finally:
+            self._out = self._send
+        send = self._send
+        for message in pending:
+            send(*message)
+        return first, last
+
     def _retry_route(self, msg: Message, tp: tuple[str, int], offset: int) -> _Route | None:
         """The route of a message from a retry topic, or ``None`` after pausing until it is due."""
         headers = parse_headers(msg.headers())
@@ -325,7 +367,7 @@ class PluginRunner:
         )
         value = msg.value()
         if decision.action == "retry":
-            self._send(retry_topic(self.group, decision.level), value, msg.key(), headers)
+            self._out(retry_topic(self.group, decision.level), value, msg.key(), headers)
             route.retried += 1
             outcome = "retried"
             log.info(
@@ -337,7 +379,7 @@ class PluginRunner:
             if value is not None and len(value) > DLQ_MAX_VALUE:
                 value = value[:DLQ_MAX_VALUE]
                 headers.append(("kw-value-truncated", str(len(msg.value() or b"")).encode()))
-            self._send(self.dlq, value, msg.key(), headers)
+            self._out(self.dlq, value, msg.key(), headers)
             route.dead += 1
             outcome = "dead_lettered"
             log.warning(
@@ -387,12 +429,14 @@ class PluginRunner:
             self.metrics.paused.set(len(self.paused))
 
     def _rewind(self, first: dict[tuple[str, int], int]) -> None:
-        """Some delivery failed: store nothing, re-handle the batch after a growing pause."""
-        log.warning(
-            "%s: %d produced message(s) were not acknowledged; re-handling the batch in %.1f s",
-            self.plugin.name, self._delivery_errors, self._rewind_backoff or 0.5,
-        )  # fmt: skip
+        """A delivery or the batch scope failed: store nothing, re-handle the batch after a growing pause."""
+        if self._scope_error:
+            reason = f"its around_batch scope failed ({self._scope_error})"
+        else:
+            reason = f"{self._delivery_errors} produced message(s) were not acknowledged"
+        log.warning("%s: %s; re-handling the batch in %.1f s", self.plugin.name, reason, self._rewind_backoff or 0.5)
         self._delivery_errors = 0
+        self._scope_error = None
         self._rewind_backoff = min(max(self._rewind_backoff * 2, 0.5), _MAX_REWIND_BACKOFF)
         until = time.monotonic() + self._rewind_backoff
         for tp, offset in first.items():
@@ -534,9 +578,7 @@ class Worker:
                 for breaker in plugin.breakers.values():
                     plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
-            runner = PluginRunner(
-                plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics
-            )
+            runner = PluginRunner(plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics)
             self.runners.append(runner)
         self._ensure_internal_topics()
         for runner in self.runners:

@@ -30,10 +30,40 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(schema)
+        self._in_batch = False
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """One write transaction around a whole batch of messages: the plugins' ``around_batch``.
+
+        A commit per message cost more than the work it committed; inside a batch,
+        :meth:`transaction` is a savepoint, so a message that fails leaves nothing behind
+        while the batch's other messages commit together.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        self._in_batch = True
+        try:
+            yield
+        except BaseException:
+            self._in_batch = False
+            self.db.execute("ROLLBACK")
+            raise
+        self._in_batch = False
+        self.db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """An exclusive write transaction: committed on success, rolled back on any error."""
+        """One message's writes: all or nothing, committed on success (at the batch's end, in one)."""
+        if self._in_batch:
+            self.db.execute("SAVEPOINT message")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK TO message")
+                self.db.execute("RELEASE message")
+                raise
+            self.db.execute("RELEASE message")
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db

@@ -320,6 +320,82 @@ def test_a_failed_delivery_stores_no_offset_and_the_batch_is_handled_again(
     assert committed(harness, "echo", "in") == 2
 
 
+class Scope:
+    """An ``around_batch`` scope that records what the handlers and the output topic looked like."""
+
+    def __init__(self, harness: Callable[[], Harness], fail_commits: int = 0) -> None:
+        self.harness = harness
+        self.fail_commits = fail_commits
+        self.log: list[str] = []
+
+    def __call__(self) -> Scope:
+        return self
+
+    def __enter__(self) -> None:
+        self.log.append("begin")
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.append(
+            f"end: {len(self.harness().records('out'))} out, {len(self.harness().records('scoped-dlq'))} dlq"
+        )
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise OSError("disk full")
+
+
+def scoped(fail_commits: int = 0) -> tuple[Plugin, Scope, list[Harness]]:
+    plugin = Plugin("scoped", produces={"out": Ping}, retry=RetryPolicy(delays=(), jitter=0.0))
+    made: list[Harness] = []
+    scope = Scope(lambda: made[0], fail_commits)
+    plugin.around_batch(scope)
+
+    @plugin.consumes("in", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        scope.log.append(f"handle {ping.n}")
+        if ping.n < 0:
+            raise PermanentError("negative")
+        ctx.produce("out", ping)
+
+    return plugin, scope, made
+
+
+def test_around_batch_wraps_the_handlers_and_their_messages_are_produced_only_after_it_committed(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin, scope, made = scoped()
+    made.append(harness := kafkaworkers_harness(plugin, partitions=1))
+    for n in (1, -1, 2):
+        harness.produce("in", Ping(n))
+
+    assert harness.worker.run_once(timeout=0.5) == 3
+    assert scope.log == ["begin", "handle 1", "handle -1", "handle 2", "end: 0 out, 0 dlq"]
+    assert [p.n for p in harness.values("out", Ping)] == [1, 2]
+    assert len(harness.records("scoped-dlq")) == 1
+    harness.worker.run_once(timeout=0.01)
+    assert committed(harness, "scoped", "in") == 3
+
+
+def test_a_batch_scope_that_fails_to_commit_produces_nothing_stores_nothing_and_the_batch_is_handled_again(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin, scope, made = scoped(fail_commits=1)
+    made.append(harness := kafkaworkers_harness(plugin, partitions=1))
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(-1))
+
+    assert harness.worker.run_once(timeout=0.5) == 2
+    assert harness.records("out") == [] and harness.records("scoped-dlq") == []
+    harness.worker.run_once(timeout=0.01)
+    assert committed(harness, "scoped", "in") == OFFSET_INVALID
+    assert ("in", 0) in harness.worker.runners[0].paused
+
+    harness.run_until_idle(wait_for_retries=True)
+    assert scope.log.count("handle 1") == 2, "the whole batch is handled again"
+    assert [p.n for p in harness.values("out", Ping)] == [1], "and its messages produced once"
+    assert len(harness.records("scoped-dlq")) == 1
+    assert committed(harness, "scoped", "in") == 2
+
+
 def test_an_open_breaker_pauses_the_partition_without_retry_or_dead_letter_and_resumes_after_its_wait(
     kafkaworkers_harness: MakeHarness,
 ) -> None:

@@ -202,11 +202,19 @@ def stop() -> None:
         _analises = None
 
 
-@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
-def verificar(pedido: PedidoNovo, ctx: Context) -> None:
+def analises() -> Analises:
+    """The running plugin's analyses."""
     if _analises is None:
         raise RuntimeError("fraude is not started")
-    fraude, score, motivos = _analises.analisar(pedido)
+    return _analises
+
+
+plugin.around_batch(lambda: analises().store.batch())
+
+
+@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
+def verificar(pedido: PedidoNovo, ctx: Context) -> None:
+    fraude, score, motivos = analises().analisar(pedido)
     ctx.produce(
         FRAUDE_VERIFICADO,
         FraudeVerificado(

@@ -183,6 +183,9 @@ def cobrancas() -> Cobrancas:
     return _cobrancas
 
 
+plugin.around_batch(lambda: cobrancas().store.batch())
+
+
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)
 def cobrar(pedido: PedidoNovo, ctx: Context) -> None:
     for evento in cobrancas().cobrar(pedido):

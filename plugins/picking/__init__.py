@@ -157,10 +157,18 @@ def stop() -> None:
         _juncao = None
 
 
-def _aplicar(order_id: str, sinal: Sinal, ctx: Context) -> None:
+def juncao() -> Juncao:
+    """The running plugin's join state."""
     if _juncao is None:
         raise RuntimeError("picking is not started")
-    estado, detalhe = _juncao.registrar(order_id, sinal)
+    return _juncao
+
+
+plugin.around_batch(lambda: juncao().store.batch())
+
+
+def _aplicar(order_id: str, sinal: Sinal, ctx: Context) -> None:
+    estado, detalhe = juncao().registrar(order_id, sinal)
     for topic, evento in eventos(order_id, estado, detalhe, sinal):
         ctx.produce(topic, evento)
 

@@ -112,6 +112,8 @@ def _buffer(event: Event, ctx: Context) -> None:
 for _topic, _type in TOPICS.items():
     plugin.consumes(_topic, _type)(_buffer)
 
+plugin.around_batch(lambda: _require().buffer.batch())
+
 
 def _require() -> _State:
     if _state is None:

@@ -75,6 +75,9 @@ def estoque() -> Estoque:
     return _estoque
 
 
+plugin.around_batch(lambda: estoque().store.batch())
+
+
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)
 def reservar(pedido: PedidoNovo, ctx: Context) -> None:
     resultado = estoque().reservar(pedido.order_id, pedido.itens)
