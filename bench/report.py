@@ -175,6 +175,9 @@ def targets(summary: dict[str, dict], peers: list[str], kw: str, baseline: float
             f"; the {mode} keeps up with at most {_fmt(max(r.out_rate for r in behind))} orders/s here, "
             f"below the {_fmt(min(r.target_rate for r in behind))} orders/s asked"
         )
+    through = [r for r in latency if r.load_pct == 25 and r.ok and r.mode == "passthrough"]
+    if mode == "pipeline" and through:
+        came += f"; one pass-through plugin at the same load: p99 {_fmt(_median(r.p99 for r in through), 1)} ms"
     line(
         p99 <= 50 and all(r.matched == r.sent for r in quarter),
         f"W5 p99 <= 50 ms at 25% load ({mode}): {_fmt(p99, 1)} ms{came}" + ("" if quarter else " (not measured)"),
