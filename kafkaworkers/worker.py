@@ -239,7 +239,11 @@ class PluginRunner:
             messages += self.retry_consumer.consume(self.batch_size, 0)
         return messages
 
-    def _handle(self, messages: list[Message]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    def _handle(
+        self, messages: list[Message], held: list[tuple[Any, ...]] | None = None
+    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """Decode and handle each message; ``held`` (inside a batch scope) collects what they
+        produce, and loses what a failed message produced, as its writes are rolled back."""
         routes = self.routes
         plugin = self.plugin
         send = self._out
@@ -268,6 +272,7 @@ class PluginRunner:
             if tp not in first:
                 first[tp] = offset
             route.consumed += 1
+            mark = len(held) if held is not None else 0
             try:
                 raw = msg.value()
                 if raw is None:
@@ -284,12 +289,16 @@ class PluginRunner:
                 if self._hook_handled:
                     self.host.message_handled(plugin, msg, value)
             except CircuitOpenError as exc:
+                if held is not None:
+                    del held[mark:]
                 self._pause(tp, offset, exc.retry_at, f"breaker {exc.breaker!r} is open")
                 blocked.add(tp)
                 if self._hook_failed:
                     self.host.message_failed(plugin, msg, exc, "paused")
                 continue
             except Exception as exc:
+                if held is not None:
+                    del held[mark:]
                 self._fail(route, msg, tp, exc)
             last[tp] = offset
         return first, last
@@ -311,7 +320,7 @@ class PluginRunner:
         self._out = hold
         try:
             with scope:
-                first, last = self._handle(messages)
+                first, last = self._handle(messages, pending)
         except BrokerUnavailable:
             raise
         except Exception as exc:

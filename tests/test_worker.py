@@ -352,9 +352,9 @@ def scoped(fail_commits: int = 0) -> tuple[Plugin, Scope, list[Harness]]:
     @plugin.consumes("in", Ping)
     def handle(ping: Ping, ctx: Context) -> None:
         scope.log.append(f"handle {ping.n}")
-        if ping.n < 0:
-            raise PermanentError("negative")
         ctx.produce("out", ping)
+        if ping.n < 0:
+            raise PermanentError("negative, found after producing")
 
     return plugin, scope, made
 
@@ -369,7 +369,7 @@ def test_around_batch_wraps_the_handlers_and_their_messages_are_produced_only_af
 
     assert harness.worker.run_once(timeout=0.5) == 3
     assert scope.log == ["begin", "handle 1", "handle -1", "handle 2", "end: 0 out, 0 dlq"]
-    assert [p.n for p in harness.values("out", Ping)] == [1, 2]
+    assert [p.n for p in harness.values("out", Ping)] == [1, 2], "what the failed message produced is dropped"
     assert len(harness.records("scoped-dlq")) == 1
     harness.worker.run_once(timeout=0.01)
     assert committed(harness, "scoped", "in") == 3
