@@ -30,7 +30,6 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(schema)
-        self._in_batch = False
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -41,20 +40,17 @@ class Store:
         while the batch's other messages commit together.
         """
         self.db.execute("BEGIN IMMEDIATE")
-        self._in_batch = True
         try:
             yield
         except BaseException:
-            self._in_batch = False
             self.db.execute("ROLLBACK")
             raise
-        self._in_batch = False
         self.db.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One message's writes: all or nothing, committed on success (at the batch's end, in one)."""
-        if self._in_batch:
+        if self.db.in_transaction:  # inside batch(): a savepoint, committed with the batch
             self.db.execute("SAVEPOINT message")
             try:
                 yield self.db
