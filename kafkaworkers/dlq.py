@@ -64,9 +64,10 @@ from kafkaworkers.clikit import OneLineErrors, admin_config, load_cli_settings, 
 from kafkaworkers.config import Settings
 from kafkaworkers.consumer import consumer_config, watermarks
 from kafkaworkers.errors import BrokerUnavailable, KafkaWorkersError, PluginError
+from kafkaworkers.headers import H_EXCEPTION, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer
-from kafkaworkers.retry import H_EXCEPTION, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC, dlq_topic
+from kafkaworkers.retry import dlq_topic
 from kafkaworkers.transports import Transport, transport_for
 
 __all__ = [

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafkaworkers.config import Settings
 from kafkaworkers.transports import Producer, Transport, transport_for
 
-__all__ = ["PRODUCER_DEFAULTS", "create_producer", "producer_config", "shared_producer"]
+__all__ = ["PRODUCER_DEFAULTS", "create_producer", "produce", "producer_config", "shared_producer"]
 
 #: Idempotent, fully acknowledged writes: at-least-once with no duplicates from client retries.
 PRODUCER_DEFAULTS: dict[str, Any] = {
@@ -62,3 +62,26 @@ def shared_producer(settings: Settings, transport: Transport | None = None) -> P
         if key not in _shared:
             _shared[key] = (transport or transport_for(settings.bootstrap_servers)).producer(config)
         return _shared[key]
+
+
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes | None,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    on_delivery: Callable[[Any, Any], None] | None = None,
+    partition: int = -1,
+) -> None:
+    """``producer.produce`` that waits for room when the local queue is full.
+
+    librdkafka raises ``BufferError`` instead of blocking when its queue is full; serving
+    delivery reports empties it. Every other error (a value over ``message.max.bytes``, an
+    unknown topic, a fatal producer) is raised to the caller, who knows what it means there.
+    """
+    while True:
+        try:
+            producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery, headers=headers or None)
+            return
+        except BufferError:
+            producer.poll(0.1)

@@ -15,23 +15,27 @@ import time
 from dataclasses import dataclass, field
 
 from kafkaworkers.errors import DecodeError, PermanentError, PluginError, Retry
+from kafkaworkers.headers import (
+    H_ATTEMPT,
+    H_CORRELATION_ID,
+    H_DUE,
+    H_EXCEPTION,
+    H_FIRST_FAILURE,
+    H_LAST_FAILURE,
+    H_MESSAGE,
+    H_ORIGINAL_OFFSET,
+    H_ORIGINAL_PARTITION,
+    H_ORIGINAL_TIMESTAMP,
+    H_ORIGINAL_TOPIC,
+    H_PLUGIN,
+    PREFIX,
+)
 
 __all__ = ["Decision", "RetryPolicy", "dlq_topic", "failure_headers", "retry_topic"]
 
 #: Bound on the exception text kept in headers: enough to diagnose, never a whole payload.
 MAX_ERROR_TEXT = 512
 
-H_ORIGINAL_TOPIC = "kw-original-topic"
-H_ORIGINAL_PARTITION = "kw-original-partition"
-H_ORIGINAL_OFFSET = "kw-original-offset"
-H_ORIGINAL_TIMESTAMP = "kw-original-timestamp"
-H_PLUGIN = "kw-plugin"
-H_ATTEMPT = "kw-attempt"
-H_FIRST_FAILURE = "kw-first-failure"
-H_LAST_FAILURE = "kw-last-failure"
-H_EXCEPTION = "kw-exception"
-H_MESSAGE = "kw-exception-message"
-H_DUE = "kw-due-at"
 
 
 def retry_topic(group: str, level: int) -> str:
@@ -112,7 +116,7 @@ def failure_headers(
     """Headers for a retried or dead-lettered copy: the source's own headers, then where it came
     from and why it failed. The first source is kept across retries."""
     now = str(int(time.time() * 1000)).encode()
-    kept = {k: v for k, v in source.items() if not k.startswith("kw-") or k == "kw-correlation-id"}
+    kept = {k: v for k, v in source.items() if not k.startswith(PREFIX) or k == H_CORRELATION_ID}
     origin = {
         H_ORIGINAL_TOPIC: source.get(H_ORIGINAL_TOPIC) or topic.encode(),
         H_ORIGINAL_PARTITION: source.get(H_ORIGINAL_PARTITION) or str(partition).encode(),

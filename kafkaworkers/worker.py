@@ -34,17 +34,11 @@ from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription, parse_hea
 from kafkaworkers.config import Settings
 from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, DecodeError, PluginError
+from kafkaworkers.headers import H_ATTEMPT, H_DUE, H_ORIGINAL_TOPIC
 from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import shared_producer
-from kafkaworkers.retry import (
-    H_ATTEMPT,
-    H_DUE,
-    H_ORIGINAL_TOPIC,
-    dlq_topic,
-    failure_headers,
-    retry_topic,
-)
+from kafkaworkers.retry import dlq_topic, failure_headers, retry_topic
 from kafkaworkers.transports import Message, Producer, Transport, transport_for
 
 __all__ = ["PluginRunner", "Worker"]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from kafkaworkers import Context, DecodeError, Plugin, RetryPolicy
 from kafkaworkers.api import parse_headers
-from kafkaworkers.retry import (
+from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
     H_EXCEPTION,
@@ -35,9 +35,8 @@ from kafkaworkers.retry import (
     H_ORIGINAL_TIMESTAMP,
     H_ORIGINAL_TOPIC,
     H_PLUGIN,
-    MAX_ERROR_TEXT,
-    failure_headers,
 )
+from kafkaworkers.retry import MAX_ERROR_TEXT, failure_headers
 from kafkaworkers.testing import Harness
 from kafkaworkers.transports.memory import MemoryMessage
 from kafkaworkers_orders import contracts

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from kafkaworkers import DecodeError, PermanentError, PluginError, Retry, RetryPolicy
-from kafkaworkers.retry import (
+from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
     H_EXCEPTION,
@@ -24,12 +24,8 @@ from kafkaworkers.retry import (
     H_ORIGINAL_TIMESTAMP,
     H_ORIGINAL_TOPIC,
     H_PLUGIN,
-    MAX_ERROR_TEXT,
-    bounded_text,
-    dlq_topic,
-    failure_headers,
-    retry_topic,
 )
+from kafkaworkers.retry import MAX_ERROR_TEXT, bounded_text, dlq_topic, failure_headers, retry_topic
 
 
 class PaymentDeclined(Exception):

@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_INVALID, TopicPartition
 
 from kafkaworkers import Context, PermanentError, Plugin, RetryPolicy
 from kafkaworkers.breaker import CLOSED
-from kafkaworkers.retry import (
+from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
     H_EXCEPTION,
@@ -30,8 +30,8 @@ from kafkaworkers.retry import (
     H_ORIGINAL_TIMESTAMP,
     H_ORIGINAL_TOPIC,
     H_PLUGIN,
-    MAX_ERROR_TEXT,
 )
+from kafkaworkers.retry import MAX_ERROR_TEXT
 from kafkaworkers.testing import Harness
 from kafkaworkers.worker import Worker
 
