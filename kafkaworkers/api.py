@@ -2,20 +2,30 @@
 
 A plugin is a :class:`Plugin` object exposed through the ``kafkaworkers`` entry-point group::
 
-    plugin = Plugin("fraude", produces={"fraude-verificado": FraudeVerificado})
+    plugin: Plugin[Analises] = Plugin("fraude", produces={"fraude-verificado": FraudeVerificado})
 
-    @plugin.consumes("pedido-novo", PedidoNovo)
-    def analisar(pedido: PedidoNovo, ctx: Context) -> None:
-        ctx.produce("fraude-verificado", FraudeVerificado(...))
+    @plugin.on_start
+    def start(env: PluginEnv) -> Analises:
+        return Analises(env.data_dir / "fraude.db")
 
-The runtime decodes each message into the declared msgspec type before the handler sees it,
-and stores the offset only after the handler returned and everything it produced was
-acknowledged by the broker.
+    @plugin.consumes("pedido-novo")
+    def analisar(pedido: PedidoNovo, ctx: Context[Analises]) -> None:
+        ctx.produce("fraude-verificado", ctx.state.verificar(pedido))
+
+The runtime decodes each message into the type its handler's first parameter is annotated
+with, and stores the offset only after the handler returned and everything it produced was
+acknowledged by the broker. What ``on_start`` returns is the plugin's state: every handler
+reaches it as ``ctx.state``, and ``on_stop`` and ``around_batch`` receive it, so nothing a
+run needs lives in module globals.
 """
 
 from __future__ import annotations
 
+import builtins
+import inspect
 import re
+import types
+import typing
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -32,7 +42,10 @@ from kafkaworkers.retry import RetryPolicy
 __all__ = ["Context", "Plugin", "PluginEnv", "Subscription"]
 
 T = TypeVar("T")
-Handler = Callable[[Any, "Context"], None]
+#: A plugin's state: what its ``on_start`` returns.
+S = TypeVar("S")
+Handler = Callable[[Any, "Context[Any]"], None]
+H = TypeVar("H", bound=Handler)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -65,16 +78,23 @@ class PluginEnv:
     data_dir: Path
 
 
-class Context:
-    """What a handler gets beside the decoded message: where it came from, and ``produce``.
+class Context(Generic[S]):
+    """What a handler gets beside the decoded message: the plugin's state, where the message
+    came from, and ``produce``.
 
     One is made per message, so it holds only references; headers are parsed on first use.
+
+    :param plugin: the plugin whose handler runs.
+    :param message: the consumed message.
+    :param send: ``send(topic, value, key, headers)``, where produced messages go.
+    :param state: what the plugin's ``on_start`` returned, as ``ctx.state``.
     """
 
-    __slots__ = ("_headers", "_message", "_send", "plugin")
+    __slots__ = ("_headers", "_message", "_send", "plugin", "state")
 
-    def __init__(self, plugin: Plugin, message: Any, send: Callable[..., None]) -> None:
+    def __init__(self, plugin: Plugin[S], message: Any, send: Callable[..., None], state: S) -> None:
         self.plugin = plugin
+        self.state = state
         self._message = message
         self._send = send
         self._headers: dict[str, bytes] | None = None
@@ -142,12 +162,21 @@ class Context:
     ) -> None:
         """Publish ``value`` to a topic this plugin declared it produces.
 
-        The key defaults to the consumed message's key, so one entity's events stay on one
-        partition; the correlation id travels along unless ``headers`` sets another.
+        ``value`` must be an instance of the type declared for the topic (or ``bytes``, sent
+        as already encoded), so a wrongly typed value fails here, in the handler, instead of
+        dead-lettering downstream as a decode error. The key defaults to the consumed
+        message's key, so one entity's events stay on one partition; the correlation id
+        travels along unless ``headers`` sets another.
         """
-        if topic not in self.plugin.produced:
+        accepted = self.plugin._accepts.get(topic)
+        if accepted is None:
             raise PluginError(
                 f"plugin {self.plugin.name!r} produced to {topic!r}, which it does not declare; add it to produces="
+            )
+        if not isinstance(value, accepted):
+            raise PluginError(
+                f"plugin {self.plugin.name!r} produced a {type(value).__qualname__} to {topic!r}, "
+                f"which is declared to carry {_type_name(self.plugin.produced[topic])}"
             )
         out: list[tuple[str, bytes]] = []
         correlation = self._header(CORRELATION_HEADER)
@@ -179,8 +208,12 @@ def parse_headers(raw: list[tuple[str, bytes | None]] | None) -> dict[str, bytes
     return {k: v if v is not None else b"" for k, v in raw}
 
 
-class Plugin:
+class Plugin(Generic[S]):
     """A worker plugin: a name (and consumer group), handlers per topic, produced topics.
+
+    ``S`` is the type of the plugin's state, what its ``on_start`` callback returns; annotate
+    the plugin with it (``plugin: Plugin[Analises] = Plugin(...)``) so handlers, ``on_stop``
+    and ``around_batch`` are checked against it.
 
     :param name: lower-case, ``[a-z0-9_-]``; also the default consumer group id.
     :param produces: topic -> msgspec type of every topic the handlers publish to.
@@ -204,32 +237,64 @@ class Plugin:
         self.retry = retry or RetryPolicy()
         self.subscriptions: dict[str, Subscription[Any]] = {}
         self.produced: dict[str, type] = {}
+        # topic -> what ``ctx.produce`` lets through: one isinstance per produced message.
+        self._accepts: dict[str, tuple[type, ...]] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
-        self._on_start: list[Callable[[PluginEnv], None]] = []
-        self._on_stop: list[Callable[[], None]] = []
-        self._around_batch: Callable[[], AbstractContextManager[object]] | None = None
+        self._on_start: Callable[[PluginEnv], S] | None = None
+        # Called with ``S | None``: ``None`` when the plugin has no on_start (then S is None too).
+        self._on_stop: Callable[[Any], None] | None = None
+        self._around_batch: Callable[[Any], AbstractContextManager[object]] | None = None
         for topic, typ in (produces or {}).items():
             self.produces(topic, typ)
 
     def __repr__(self) -> str:
         return f"<Plugin {self.name} consumes={sorted(self.subscriptions)} produces={sorted(self.produced)}>"
 
-    def consumes(self, topic: str, type: type[T]) -> Callable[[Handler], Handler]:
-        """Decorator: ``handler(message: type, ctx: Context)`` receives every message of ``topic``."""
+    def consumes(self, topic: str, type: Any = None) -> Callable[[H], H]:
+        """Decorator: ``handler(message, ctx)`` receives every message of ``topic``.
+
+        The message type is the annotation of the handler's first parameter
+        (``def check(order: Order, ctx: Context[S]) -> None``). ``type`` may name it
+        explicitly instead; with an annotation too, it must be that type or one the
+        annotation accepts (a subclass, a member of a union), as when one handler annotated
+        with a base class consumes several topics, each decoded as its own subclass.
+        """
         _check_topic(topic)
 
-        def register(handler: Handler) -> Handler:
+        def register(handler: H) -> H:
             if topic in self.subscriptions:
                 raise PluginError(f"plugin {self.name!r} has two handlers for topic {topic!r}")
-            self.subscriptions[topic] = Subscription(topic, type, handler, msgspec.json.Decoder(type))
+            typ = self._message_type(topic, handler, type)
+            self.subscriptions[topic] = Subscription(topic, typ, handler, msgspec.json.Decoder(typ))
             return handler
 
         return register
+
+    def _message_type(self, topic: str, handler: Handler, explicit: Any) -> Any:
+        """The type ``handler`` receives from ``topic``: its first parameter's annotation, or ``explicit``."""
+        where = f"plugin {self.name!r}, topic {topic!r}"
+        annotated, problem = _first_parameter_type(handler)
+        if annotated is None:
+            if explicit is not None:
+                return explicit
+            raise PluginError(
+                f"{where}: {problem}; annotate the handler's first parameter with the message type "
+                f"(def handler(message: Order, ctx: Context) -> None) or pass it: consumes({topic!r}, Order)"
+            )
+        if explicit is not None and not _accepts(annotated, explicit):
+            raise PluginError(
+                f"{where}: consumes() names {_type_name(explicit)} but the handler's first parameter "
+                f"is annotated {_type_name(annotated)}; say it once (drop the type from consumes())"
+            )
+        return explicit if explicit is not None else annotated
 
     def produces(self, topic: str, type: type) -> None:
         """Declare that handlers publish ``type`` messages to ``topic``."""
         _check_topic(topic)
         self.produced[topic] = type
+        # bytes are values encoded already; a type isinstance cannot test (a union, an alias) is not checked.
+        checkable = isinstance(type, builtins.type) and not isinstance(type, types.GenericAlias)
+        self._accepts[topic] = (type, bytes) if checkable else (object,)
 
     def breaker(self, name: str, **options: Any) -> CircuitBreaker:
         """Declare a circuit breaker guarding a dependency of this plugin (see :class:`CircuitBreaker`)."""
@@ -238,20 +303,25 @@ class Plugin:
         self.breakers[name] = CircuitBreaker(name, **options)
         return self.breakers[name]
 
-    def on_start(self, fn: Callable[[PluginEnv], None]) -> Callable[[PluginEnv], None]:
-        """Decorator: run ``fn(env)`` once before the first message (open databases here)."""
-        self._on_start.append(fn)
+    def on_start(self, fn: Callable[[PluginEnv], S]) -> Callable[[PluginEnv], S]:
+        """Decorator: ``fn(env)`` runs once before the first message; what it returns (open
+        databases, clients) is the plugin's state, ``ctx.state`` in every handler."""
+        if self._on_start is not None:
+            raise PluginError(f"plugin {self.name!r} declares on_start twice")
+        self._on_start = fn
         return fn
 
-    def on_stop(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Decorator: run ``fn()`` once after the last message was committed."""
-        self._on_stop.append(fn)
+    def on_stop(self, fn: Callable[[S], None]) -> Callable[[S], None]:
+        """Decorator: ``fn(state)`` runs once after the last message was committed."""
+        if self._on_stop is not None:
+            raise PluginError(f"plugin {self.name!r} declares on_stop twice")
+        self._on_stop = fn
         return fn
 
     def around_batch(
-        self, fn: Callable[[], AbstractContextManager[object]]
-    ) -> Callable[[], AbstractContextManager[object]]:
-        """Decorator: ``fn()`` gives a context manager that wraps the handling of each batch.
+        self, fn: Callable[[S], AbstractContextManager[object]]
+    ) -> Callable[[S], AbstractContextManager[object]]:
+        """Decorator: ``fn(state)`` gives a context manager that wraps the handling of each batch.
 
         The worker enters it before the batch's first handler and exits it after the last,
         before the produced messages are flushed and the offsets stored; if entering or
@@ -264,24 +334,66 @@ class Plugin:
         self._around_batch = fn
         return fn
 
-    def batch_scope(self) -> AbstractContextManager[object] | None:
+    def batch_scope(self, state: S | None) -> AbstractContextManager[object] | None:
         """The context manager wrapping one batch (see :meth:`around_batch`), or ``None``."""
-        return self._around_batch() if self._around_batch is not None else None
+        return self._around_batch(state) if self._around_batch is not None else None
 
-    def start(self, env: PluginEnv) -> None:
-        """Run the start-up callbacks (the worker calls this)."""
+    def start(self, env: PluginEnv) -> S | None:
+        """Close the breakers, run ``on_start`` and return the state it made (the worker calls this).
+
+        Breakers are declared once per plugin object but a plugin may be started again (a
+        second harness, a restarted worker): each start begins with every breaker closed.
+        """
         env.data_dir.mkdir(parents=True, exist_ok=True)
-        for fn in self._on_start:
-            fn(env)
+        for breaker in self.breakers.values():
+            breaker.reset()
+        return self._on_start(env) if self._on_start is not None else None
 
-    def stop(self) -> None:
-        """Run the shutdown callbacks in reverse order (the worker calls this)."""
-        for fn in reversed(self._on_stop):
-            fn()
+    def stop(self, state: S | None) -> None:
+        """Run ``on_stop`` with the state ``start`` returned (the worker calls this)."""
+        if self._on_stop is not None:
+            self._on_stop(state)
 
     @hookimpl
-    def kafkaworkers_declare(self) -> Plugin:
+    def kafkaworkers_declare(self) -> Plugin[S]:
         return self
+
+
+def _first_parameter_type(handler: Callable[..., Any]) -> tuple[Any, str]:
+    """The resolved annotation of ``handler``'s first parameter, or ``None`` and why there is none.
+
+    Only that one annotation is evaluated, so the others (the ``Context[S]`` of a state class
+    defined further down the module) need not resolve when the decorator runs.
+    """
+    try:
+        first = next(iter(inspect.signature(handler).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None, "its handler's signature cannot be read"
+    if first is None:
+        return None, "its handler takes no parameters"
+    if first.annotation is inspect.Parameter.empty:
+        return None, f"the handler's parameter {first.name!r} has no annotation"
+    holder = types.SimpleNamespace(__annotations__={first.name: first.annotation})
+    target = inspect.unwrap(handler)
+    try:
+        hints = typing.get_type_hints(holder, globalns=getattr(target, "__globals__", {}))
+    except NameError as exc:
+        return None, f"the annotation of the handler's parameter {first.name!r} does not resolve ({exc})"
+    return hints[first.name], ""
+
+
+def _accepts(annotated: Any, explicit: Any) -> bool:
+    """Whether a handler annotated ``annotated`` can take every value decoded as ``explicit``."""
+    if explicit == annotated or annotated is Any:
+        return True
+    if typing.get_origin(annotated) in (typing.Union, types.UnionType):
+        return any(_accepts(member, explicit) for member in typing.get_args(annotated))
+    plain = isinstance(annotated, type) and isinstance(explicit, type)
+    return plain and not isinstance(explicit, types.GenericAlias) and issubclass(explicit, annotated)
+
+
+def _type_name(typ: Any) -> str:
+    return typ.__qualname__ if isinstance(typ, type) and not isinstance(typ, types.GenericAlias) else repr(typ)
 
 
 def _check_topic(topic: str) -> None:

@@ -77,8 +77,10 @@ class PluginRunner:
         producer: Producer,
         transport: Transport,
         metrics: PluginMetrics | None,
+        state: Any = None,
     ) -> None:
         self.plugin = plugin
+        self.state = state  # what the plugin's on_start returned: ctx.state, and its batch scope's
         self.group = settings.group_for(plugin.name)
         self.host = host
         self.producer = producer
@@ -206,7 +208,7 @@ class PluginRunner:
             return 0
         if self._hook_batch:
             self.host.batch_received(self.plugin, messages)
-        scope = self.plugin.batch_scope()
+        scope = self.plugin.batch_scope(self.state)
         first, last = self._handle(messages) if scope is None else self._handle_in(scope, messages)
         flush()
         if self._delivery_errors or self._scope_error:
@@ -241,6 +243,7 @@ class PluginRunner:
         routes = self.routes
         plugin = self.plugin
         send = self._out
+        state = self.state
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         blocked: set[tuple[str, int]] = set()
@@ -276,7 +279,7 @@ class PluginRunner:
                 except (msgspec.DecodeError, RecursionError) as exc:
                     raise DecodeError(f"not a valid {route.subscription.type.__name__}: {exc}") from None
                 start = perf()
-                route.handler(value, Context(plugin, msg, send))
+                route.handler(value, Context(plugin, msg, send, state))
                 if route.duration is not None:
                     route.duration.observe(perf() - start)
                 route.ok += 1
@@ -574,14 +577,17 @@ class Worker:
         self._producer = shared_producer(self.settings, self.transport)
         data_root = Path(self.settings.data_dir)
         for plugin in self.plugins:
-            plugin.start(PluginEnv(plugin.name, self.settings.plugin_config(plugin.name), data_root / plugin.name))
+            env = PluginEnv(plugin.name, self.settings.plugin_config(plugin.name), data_root / plugin.name)
+            state = plugin.start(env)
             plugin_metrics = None
             if self.metrics is not None:
                 plugin_metrics = self.metrics.for_plugin(plugin.name)
                 for breaker in plugin.breakers.values():
                     plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
-            runner = PluginRunner(plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics)
+            runner = PluginRunner(
+                plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics, state=state
+            )
             self.runners.append(runner)
         self._ensure_internal_topics()
         for runner in self.runners:
@@ -612,8 +618,8 @@ class Worker:
         self.flush()
         for runner in self.runners:
             runner.close()
-        for plugin in self.plugins:
-            plugin.stop()
+        for runner in self.runners:
+            runner.plugin.stop(runner.state)
         log.info("worker stopped")
 
     def _wait_for_broker(self, wait: float) -> None:

@@ -339,7 +339,7 @@ def test_failure_headers_of_any_source_headers_are_complete_unique_and_bytes(
 @example([(H_ATTEMPT, b"9" * 5000)])
 def test_context_reads_arbitrary_headers_without_raising(raw: list[tuple[str, bytes | None]]) -> None:
     """What a handler reads from the context of any message: never an exception of its own."""
-    ctx = Context(PLUGIN, MemoryMessage("fuzz-ping", 0, 3, b"k", b"{}", raw or None, 1), lambda *a: None)
+    ctx = Context(PLUGIN, MemoryMessage("fuzz-ping", 0, 3, b"k", b"{}", raw or None, 1), lambda *a: None, None)
     assert isinstance(ctx.topic, str)
     assert isinstance(ctx.attempt, int) and ctx.attempt >= 1
     assert ctx.correlation_id is None or isinstance(ctx.correlation_id, str)

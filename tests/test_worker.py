@@ -328,7 +328,7 @@ class Scope:
         self.fail_commits = fail_commits
         self.log: list[str] = []
 
-    def __call__(self) -> Scope:
+    def __call__(self, state: object) -> Scope:
         return self
 
     def __enter__(self) -> None:

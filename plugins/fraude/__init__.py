@@ -195,7 +195,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _analises
     if _analises is not None:
         _analises.store.close()
@@ -209,7 +209,7 @@ def analises() -> Analises:
     return _analises
 
 
-plugin.around_batch(lambda: analises().store.batch())
+plugin.around_batch(lambda _unused: analises().store.batch())
 
 
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)

@@ -134,7 +134,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _state
     if _state is not None:
         _state.store.close()

@@ -169,7 +169,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _cobrancas
     if _cobrancas is not None:
         _cobrancas.close()
@@ -183,7 +183,7 @@ def cobrancas() -> Cobrancas:
     return _cobrancas
 
 
-plugin.around_batch(lambda: cobrancas().store.batch())
+plugin.around_batch(lambda _unused: cobrancas().store.batch())
 
 
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)

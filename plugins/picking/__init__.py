@@ -150,7 +150,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _juncao
     if _juncao is not None:
         _juncao.store.close()
@@ -164,7 +164,7 @@ def juncao() -> Juncao:
     return _juncao
 
 
-plugin.around_batch(lambda: juncao().store.batch())
+plugin.around_batch(lambda _unused: juncao().store.batch())
 
 
 def _aplicar(order_id: str, sinal: Sinal, ctx: Context) -> None:

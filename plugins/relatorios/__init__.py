@@ -69,7 +69,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _state
     if _state is not None:
         flush()
@@ -112,7 +112,7 @@ def _buffer(event: Event, ctx: Context) -> None:
 for _topic, _type in TOPICS.items():
     plugin.consumes(_topic, _type)(_buffer)
 
-plugin.around_batch(lambda: _require().buffer.batch())
+plugin.around_batch(lambda _unused: _require().buffer.batch())
 
 
 def _require() -> _State:

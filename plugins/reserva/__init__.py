@@ -61,7 +61,7 @@ def start(env: PluginEnv) -> None:
 
 
 @plugin.on_stop
-def stop() -> None:
+def stop(_unused: object) -> None:
     global _estoque
     if _estoque is not None:
         _estoque.close()
@@ -75,7 +75,7 @@ def estoque() -> Estoque:
     return _estoque
 
 
-plugin.around_batch(lambda: estoque().store.batch())
+plugin.around_batch(lambda _unused: estoque().store.batch())
 
 
 @plugin.consumes(PEDIDO_NOVO, PedidoNovo)
