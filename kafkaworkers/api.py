@@ -284,7 +284,7 @@ class Plugin(Generic[S]):
         if explicit is not None and not _accepts(annotated, explicit):
             raise PluginError(
                 f"{where}: consumes() names {_type_name(explicit)} but the handler's first parameter "
-                f"is annotated {_type_name(annotated)}; say it once (drop the type from consumes())"
+                f"is annotated {_type_name(annotated)}; make them agree, or drop the type from consumes()"
             )
         return explicit if explicit is not None else annotated
 

@@ -94,6 +94,14 @@ class Harness:
         decoder = msgspec.json.Decoder(type)
         return [decoder.decode(r.value()) for r in self.records(topic)]
 
+    def state(self, name: str) -> Any:
+        """The state the running plugin ``name`` got from its ``on_start`` (its ``ctx.state``)."""
+        for runner in self.worker.runners:
+            if runner.plugin.name == name:
+                return runner.state
+        running = ", ".join(r.plugin.name for r in self.worker.runners)
+        raise KeyError(f"no plugin {name!r} runs in this harness (running: {running})")
+
     def close(self) -> None:
         self.worker.close()
 
