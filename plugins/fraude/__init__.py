@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
@@ -179,42 +180,31 @@ class Analises:
         return veredito
 
 
-plugin = Plugin(
+plugin: Plugin[Analises] = Plugin(
     "fraude",
     produces={FRAUDE_VERIFICADO: FraudeVerificado},
     description="Scores orders with explainable fraud rules.",
 )
 
-_analises: Analises | None = None
-
 
 @plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _analises
-    _analises = Analises(Store(env.data_dir / "fraude.sqlite3", SCHEMA), Regras.from_config(env.config))
+def start(env: PluginEnv) -> Analises:
+    return Analises(Store(env.data_dir / "fraude.sqlite3", SCHEMA), Regras.from_config(env.config))
 
 
 @plugin.on_stop
-def stop(_unused: object) -> None:
-    global _analises
-    if _analises is not None:
-        _analises.store.close()
-        _analises = None
+def stop(analises: Analises) -> None:
+    analises.store.close()
 
 
-def analises() -> Analises:
-    """The running plugin's analyses."""
-    if _analises is None:
-        raise RuntimeError("fraude is not started")
-    return _analises
+@plugin.around_batch
+def batch(analises: Analises) -> AbstractContextManager[None]:
+    return analises.store.batch()
 
 
-plugin.around_batch(lambda _unused: analises().store.batch())
-
-
-@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
-def verificar(pedido: PedidoNovo, ctx: Context) -> None:
-    fraude, score, motivos = analises().analisar(pedido)
+@plugin.consumes(PEDIDO_NOVO)
+def verificar(pedido: PedidoNovo, ctx: Context[Analises]) -> None:
+    fraude, score, motivos = ctx.state.analisar(pedido)
     ctx.produce(
         FRAUDE_VERIFICADO,
         FraudeVerificado(

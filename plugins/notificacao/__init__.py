@@ -47,9 +47,9 @@ from kafkaworkers_orders.contracts import (
 from kafkaworkers_orders.notificacao.channels import Channel, LogChannel, Notificacao, SmtpChannel, WebhookChannel
 from kafkaworkers_orders.store import Store
 
-__all__ = ["TEXTS", "plugin", "reais", "sent_counts"]
+__all__ = ["TEXTS", "Notificador", "plugin", "reais"]
 
-plugin = Plugin(
+plugin: Plugin[Notificador] = Plugin(
     "notificacao",
     retry=RetryPolicy(delays=(1.0, 5.0, 30.0)),
     description="Tells the customer what happened to the order (log, e-mail, webhook).",
@@ -115,32 +115,6 @@ MOTIVOS = {
 }
 
 
-@dataclass
-class _State:
-    store: Store
-    channels: list[Channel]
-
-
-_state: _State | None = None
-
-
-@plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _state
-    _state = _State(Store(env.data_dir / "notificacao.sqlite3", SCHEMA), channels_from(env.config))
-    # Closed at start, as in a new process, even when this plugin object ran before (tests, embedding).
-    for breaker in _breakers.values():
-        breaker.reset()
-
-
-@plugin.on_stop
-def stop(_unused: object) -> None:
-    global _state
-    if _state is not None:
-        _state.store.close()
-        _state = None
-
-
 def channels_from(config: Mapping[str, Any]) -> list[Channel]:
     """The channels ``[plugins.notificacao]`` asks for, each checked for the settings it needs."""
     names = config.get("channels", ["log"])
@@ -174,93 +148,105 @@ def channels_from(config: Mapping[str, Any]) -> list[Channel]:
     return channels
 
 
-@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
-def pedido_novo(pedido: PedidoNovo, ctx: Context) -> None:
-    with _require().store.transaction() as db:
+@dataclass
+class Notificador:
+    """The running plugin's state: who each order's customer is, what was sent, and the channels."""
+
+    store: Store
+    channels: list[Channel]
+
+    def notificar(self, order_id: str, kind: str, **facts: str) -> None:
+        """Claim, send and mark one notification on every channel not yet marked sent for it."""
+        now = datetime.now(UTC).isoformat()
+        with self.store.transaction() as db:
+            cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
+            if cliente is None:
+                raise Retry("customer not known yet")
+            db.executemany(
+                "INSERT OR IGNORE INTO envios (order_id, kind, channel, status, updated_at)"
+                " VALUES (?, ?, ?, 'sending', ?)",
+                [(order_id, kind, channel.name, now) for channel in self.channels],
+            )
+            db.execute(
+                "UPDATE envios SET attempts = attempts + 1, updated_at = ?"
+                " WHERE order_id = ? AND kind = ? AND status = 'sending'",
+                (now, order_id, kind),
+            )
+            pending = {
+                row[0]
+                for row in db.execute(
+                    "SELECT channel FROM envios WHERE order_id = ? AND kind = ? AND status = 'sending'",
+                    (order_id, kind),
+                )
+            }
+        nome, email = cliente
+        assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
+        notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
+        errors: list[Exception] = []
+        for channel in self.channels:
+            if channel.name not in pending:
+                continue
+            try:
+                breaker = _breakers.get(channel.name)
+                if breaker is None:
+                    channel.send(notificacao)
+                else:
+                    breaker.call(channel.send, notificacao)
+            except Exception as exc:
+                # The other channels still get their chance; the failed one is redone on redelivery.
+                errors.append(exc)
+                continue
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE envios SET status = 'sent', updated_at = ? WHERE order_id = ? AND kind = ? AND channel = ?",
+                    (datetime.now(UTC).isoformat(), order_id, kind, channel.name),
+                )
+        if errors:
+            # An open breaker pauses the partition, a transient error retries, and only when every
+            # failure is permanent does the message go to the dead-letter topic.
+            raise min(errors, key=lambda e: (not isinstance(e, CircuitOpenError), isinstance(e, PermanentError)))
+
+    def sent_counts(self, channel: str | None = None) -> dict[str, int]:
+        """Deliveries marked sent, per notification kind (one per channel; ``channel`` narrows to one)."""
+        sql = "SELECT kind, count(*) FROM envios WHERE status = 'sent'"
+        params: tuple[str, ...] = ()
+        if channel is not None:
+            sql, params = sql + " AND channel = ?", (channel,)
+        return dict(self.store.db.execute(sql + " GROUP BY kind", params).fetchall())
+
+
+@plugin.on_start
+def start(env: PluginEnv) -> Notificador:
+    return Notificador(Store(env.data_dir / "notificacao.sqlite3", SCHEMA), channels_from(env.config))
+
+
+@plugin.on_stop
+def stop(notificador: Notificador) -> None:
+    notificador.store.close()
+
+
+@plugin.consumes(PEDIDO_NOVO)
+def pedido_novo(pedido: PedidoNovo, ctx: Context[Notificador]) -> None:
+    with ctx.state.store.transaction() as db:
         db.execute(
             "INSERT OR IGNORE INTO clientes (order_id, nome, email) VALUES (?, ?, ?)",
             (pedido.order_id, pedido.cliente.nome, pedido.cliente.email),
         )
-    _notify(pedido.order_id, "pedido_recebido", valor=reais(pedido.total_centavos))
+    ctx.state.notificar(pedido.order_id, "pedido_recebido", valor=reais(pedido.total_centavos))
 
 
-@plugin.consumes(PROCESSO_PAGAMENTO, ProcessoPagamento)
-def processo_pagamento(pagamento: ProcessoPagamento, ctx: Context) -> None:
+@plugin.consumes(PROCESSO_PAGAMENTO)
+def processo_pagamento(pagamento: ProcessoPagamento, ctx: Context[Notificador]) -> None:
     motivo = f" ({pagamento.motivo})" if pagamento.motivo else ""
-    _notify(pagamento.order_id, PAYMENT_KINDS[pagamento.status], valor=reais(pagamento.valor_centavos), motivo=motivo)
+    kind = PAYMENT_KINDS[pagamento.status]
+    ctx.state.notificar(pagamento.order_id, kind, valor=reais(pagamento.valor_centavos), motivo=motivo)
 
 
-@plugin.consumes(PROCESSO_PICKING, ProcessoPicking)
-def processo_picking(picking: ProcessoPicking, ctx: Context) -> None:
-    _notify(picking.order_id, PICKING_KINDS[picking.status])
+@plugin.consumes(PROCESSO_PICKING)
+def processo_picking(picking: ProcessoPicking, ctx: Context[Notificador]) -> None:
+    ctx.state.notificar(picking.order_id, PICKING_KINDS[picking.status])
 
 
-@plugin.consumes(PEDIDO_CANCELADO, PedidoCancelado)
-def pedido_cancelado(cancelado: PedidoCancelado, ctx: Context) -> None:
-    _notify(cancelado.order_id, "pedido_cancelado", motivo=MOTIVOS[cancelado.motivo])
-
-
-def _notify(order_id: str, kind: str, **facts: str) -> None:
-    """Claim, send and mark one notification on every channel not yet marked sent for it."""
-    state = _require()
-    now = datetime.now(UTC).isoformat()
-    with state.store.transaction() as db:
-        cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
-        if cliente is None:
-            raise Retry("customer not known yet")
-        db.executemany(
-            "INSERT OR IGNORE INTO envios (order_id, kind, channel, status, updated_at) VALUES (?, ?, ?, 'sending', ?)",
-            [(order_id, kind, channel.name, now) for channel in state.channels],
-        )
-        db.execute(
-            "UPDATE envios SET attempts = attempts + 1, updated_at = ?"
-            " WHERE order_id = ? AND kind = ? AND status = 'sending'",
-            (now, order_id, kind),
-        )
-        pending = {
-            row[0]
-            for row in db.execute(
-                "SELECT channel FROM envios WHERE order_id = ? AND kind = ? AND status = 'sending'", (order_id, kind)
-            )
-        }
-    nome, email = cliente
-    assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
-    notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
-    errors: list[Exception] = []
-    for channel in state.channels:
-        if channel.name not in pending:
-            continue
-        try:
-            breaker = _breakers.get(channel.name)
-            if breaker is None:
-                channel.send(notificacao)
-            else:
-                breaker.call(channel.send, notificacao)
-        except Exception as exc:
-            # The other channels still get their chance; the failed one is redone on redelivery.
-            errors.append(exc)
-            continue
-        with state.store.transaction() as db:
-            db.execute(
-                "UPDATE envios SET status = 'sent', updated_at = ? WHERE order_id = ? AND kind = ? AND channel = ?",
-                (datetime.now(UTC).isoformat(), order_id, kind, channel.name),
-            )
-    if errors:
-        # An open breaker pauses the partition, a transient error retries, and only when every
-        # failure is permanent does the message go to the dead-letter topic.
-        raise min(errors, key=lambda e: (not isinstance(e, CircuitOpenError), isinstance(e, PermanentError)))
-
-
-def sent_counts(channel: str | None = None) -> dict[str, int]:
-    """Deliveries marked sent, per notification kind (one per channel; ``channel`` narrows to one)."""
-    sql = "SELECT kind, count(*) FROM envios WHERE status = 'sent'"
-    params: tuple[str, ...] = ()
-    if channel is not None:
-        sql, params = sql + " AND channel = ?", (channel,)
-    return dict(_require().store.db.execute(sql + " GROUP BY kind", params).fetchall())
-
-
-def _require() -> _State:
-    if _state is None:
-        raise RuntimeError("notificacao is not started")
-    return _state
+@plugin.consumes(PEDIDO_CANCELADO)
+def pedido_cancelado(cancelado: PedidoCancelado, ctx: Context[Notificador]) -> None:
+    ctx.state.notificar(cancelado.order_id, "pedido_cancelado", motivo=MOTIVOS[cancelado.motivo])

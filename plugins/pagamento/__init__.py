@@ -20,6 +20,7 @@ recorded, so the late order is never charged, and a charge that raced it is refu
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, RetryPolicy
@@ -36,7 +37,7 @@ from kafkaworkers_orders.contracts import (
 from kafkaworkers_orders.pagamento.gateway import Gateway, GatewayError, HttpGateway, SimulatedGateway
 from kafkaworkers_orders.store import Store
 
-__all__ = ["Cobrancas", "GatewayError", "cobrancas", "gateway_breaker", "plugin"]
+__all__ = ["Cobrancas", "GatewayError", "gateway_breaker", "plugin"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cobranca (
@@ -131,7 +132,7 @@ def _evento(cobranca: Cobranca, status: str, motivo: str) -> ProcessoPagamento:
     )
 
 
-plugin = Plugin(
+plugin: Plugin[Cobrancas] = Plugin(
     "pagamento",
     produces={PROCESSO_PAGAMENTO: ProcessoPagamento},
     retry=RetryPolicy(delays=(1.0, 10.0, 60.0)),
@@ -145,16 +146,11 @@ gateway_breaker = plugin.breaker(
     "gateway", failure_rate=0.5, window=20, min_calls=5, wait=30.0, probes=2, timeout=None, ignore=(PermanentError,)
 )
 
-_cobrancas: Cobrancas | None = None
-
 
 @plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _cobrancas
+def start(env: PluginEnv) -> Cobrancas:
     config = env.config
     timeout = float(config.get("gateway_timeout", 10.0))
-    # Start closed, as a new process would, even when this plugin object ran before.
-    gateway_breaker.reset()
     kind = config.get("gateway", "simulated")
     gateway: Gateway
     if kind == "simulated":
@@ -165,34 +161,26 @@ def start(env: PluginEnv) -> None:
         gateway = HttpGateway(config["gateway_url"], config["gateway_api_key"], timeout)
     else:
         raise ConfigError(f'[plugins.pagamento] gateway must be "simulated" or "http", not {kind!r}')
-    _cobrancas = Cobrancas(Store(env.data_dir / "pagamento.sqlite3", SCHEMA), gateway, gateway_breaker)
+    return Cobrancas(Store(env.data_dir / "pagamento.sqlite3", SCHEMA), gateway, gateway_breaker)
 
 
 @plugin.on_stop
-def stop(_unused: object) -> None:
-    global _cobrancas
-    if _cobrancas is not None:
-        _cobrancas.close()
-        _cobrancas = None
+def stop(cobrancas: Cobrancas) -> None:
+    cobrancas.close()
 
 
-def cobrancas() -> Cobrancas:
-    """The running plugin's charges (and, through ``.gateway``, its gateway)."""
-    if _cobrancas is None:
-        raise RuntimeError("pagamento is not started")
-    return _cobrancas
+@plugin.around_batch
+def batch(cobrancas: Cobrancas) -> AbstractContextManager[None]:
+    return cobrancas.store.batch()
 
 
-plugin.around_batch(lambda _unused: cobrancas().store.batch())
-
-
-@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
-def cobrar(pedido: PedidoNovo, ctx: Context) -> None:
-    for evento in cobrancas().cobrar(pedido):
+@plugin.consumes(PEDIDO_NOVO)
+def cobrar(pedido: PedidoNovo, ctx: Context[Cobrancas]) -> None:
+    for evento in ctx.state.cobrar(pedido):
         ctx.produce(PROCESSO_PAGAMENTO, evento)
 
 
-@plugin.consumes(PEDIDO_CANCELADO, PedidoCancelado)
-def estornar(cancelado: PedidoCancelado, ctx: Context) -> None:
-    for evento in cobrancas().cancelar(cancelado.order_id):
+@plugin.consumes(PEDIDO_CANCELADO)
+def estornar(cancelado: PedidoCancelado, ctx: Context[Cobrancas]) -> None:
+    for evento in ctx.state.cancelar(cancelado.order_id):
         ctx.produce(PROCESSO_PAGAMENTO, evento)

@@ -15,6 +15,7 @@ copies. Compensation statuses (liberado, estornado) are ignored.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Literal, NamedTuple
 
 from kafkaworkers import Context, Plugin, PluginEnv
@@ -134,63 +135,52 @@ class Juncao:
         return estado, detalhe
 
 
-plugin = Plugin(
+plugin: Plugin[Juncao] = Plugin(
     "picking",
     produces={PROCESSO_PICKING: ProcessoPicking, PEDIDO_CANCELADO: PedidoCancelado},
     description="Picks orders that are reserved, paid and not fraud; cancels the others.",
 )
 
-_juncao: Juncao | None = None
-
 
 @plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _juncao
-    _juncao = Juncao(Store(env.data_dir / "picking.sqlite3", SCHEMA))
+def start(env: PluginEnv) -> Juncao:
+    return Juncao(Store(env.data_dir / "picking.sqlite3", SCHEMA))
 
 
 @plugin.on_stop
-def stop(_unused: object) -> None:
-    global _juncao
-    if _juncao is not None:
-        _juncao.store.close()
-        _juncao = None
+def stop(juncao: Juncao) -> None:
+    juncao.store.close()
 
 
-def juncao() -> Juncao:
-    """The running plugin's join state."""
-    if _juncao is None:
-        raise RuntimeError("picking is not started")
-    return _juncao
+@plugin.around_batch
+def batch(juncao: Juncao) -> AbstractContextManager[None]:
+    return juncao.store.batch()
 
 
-plugin.around_batch(lambda _unused: juncao().store.batch())
-
-
-def _aplicar(order_id: str, sinal: Sinal, ctx: Context) -> None:
-    estado, detalhe = juncao().registrar(order_id, sinal)
+def _aplicar(order_id: str, sinal: Sinal, ctx: Context[Juncao]) -> None:
+    estado, detalhe = ctx.state.registrar(order_id, sinal)
     for topic, evento in eventos(order_id, estado, detalhe, sinal):
         ctx.produce(topic, evento)
 
 
-@plugin.consumes(RESERVA_ESTOQUE, ReservaEstoque)
-def reserva(evento: ReservaEstoque, ctx: Context) -> None:
+@plugin.consumes(RESERVA_ESTOQUE)
+def reserva(evento: ReservaEstoque, ctx: Context[Juncao]) -> None:
     if evento.status == "reservado":
         _aplicar(evento.order_id, Sinal("reservado", 1), ctx)
     elif evento.status == "sem_estoque":
         _aplicar(evento.order_id, Sinal("reservado", 0, "sem_estoque", evento.motivo), ctx)
 
 
-@plugin.consumes(PROCESSO_PAGAMENTO, ProcessoPagamento)
-def pagamento(evento: ProcessoPagamento, ctx: Context) -> None:
+@plugin.consumes(PROCESSO_PAGAMENTO)
+def pagamento(evento: ProcessoPagamento, ctx: Context[Juncao]) -> None:
     if evento.status == "aprovado":
         _aplicar(evento.order_id, Sinal("pagamento", "aprovado"), ctx)
     elif evento.status == "recusado":
         _aplicar(evento.order_id, Sinal("pagamento", "recusado", "pagamento_recusado", evento.motivo), ctx)
 
 
-@plugin.consumes(FRAUDE_VERIFICADO, FraudeVerificado)
-def fraude(evento: FraudeVerificado, ctx: Context) -> None:
+@plugin.consumes(FRAUDE_VERIFICADO)
+def fraude(evento: FraudeVerificado, ctx: Context[Juncao]) -> None:
     if evento.fraude:
         detalhe = f"score {evento.score}: " + "; ".join(evento.motivos)
         _aplicar(evento.order_id, Sinal("fraude", 1, "fraude", detalhe), ctx)

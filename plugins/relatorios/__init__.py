@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from kafkaworkers_orders.contracts import TOPICS, Event
 from kafkaworkers_orders.relatorios.warehouse import FILE_NAME, Warehouse, render
 from kafkaworkers_orders.store import Store
 
-__all__ = ["flush", "kafkaworkers_declare", "kafkaworkers_register_commands", "plugin", "report", "warehouse"]
+__all__ = ["Relatorios", "kafkaworkers_declare", "kafkaworkers_register_commands", "plugin", "report"]
 
 BUFFER_FILE = "buffer.sqlite3"
 BUFFER_SCHEMA = """
@@ -46,83 +46,79 @@ CREATE TABLE IF NOT EXISTS pendentes (
 FLUSH_EVENTS = 1000
 FLUSH_SECONDS = 1.0
 
-plugin = Plugin("relatorios", description="Keeps a DuckDB warehouse of order events for `kafkaworkers report`.")
 _decoders = {topic: msgspec.json.Decoder(typ) for topic, typ in TOPICS.items()}
 
 
 @dataclass
-class _State:
+class Relatorios:
+    """The running plugin's state: the warehouse, the buffer in front of it, and when it was last loaded."""
+
     warehouse: Warehouse
     buffer: Store
     pending: int = 0
     since: float = 0.0
 
+    def buffer_event(self, topic: str, event: Event) -> None:
+        """Keep one event durably in the buffer; load the buffer once it is big or old enough."""
+        self.buffer.db.execute(
+            "INSERT OR IGNORE INTO pendentes VALUES (?, ?, ?, ?)",
+            (event.event_id, topic, msgspec.json.encode(event), datetime.now(UTC).isoformat()),
+        )
+        if self.pending == 0:
+            self.since = time.monotonic()
+        self.pending += 1
+        if self.pending >= FLUSH_EVENTS or time.monotonic() - self.since >= FLUSH_SECONDS:
+            self.flush()
 
-_state: _State | None = None
+    def flush(self) -> int:
+        """Load the buffered events into the warehouse; how many were new to it."""
+        sql = "SELECT rowid, topico, valor, recebido_em FROM pendentes ORDER BY rowid"
+        rows = self.buffer.db.execute(sql).fetchall()
+        new = self.warehouse.record_many(
+            (topic, _decoders[topic].decode(value), datetime.fromisoformat(received))
+            for _, topic, value, received in rows
+        )
+        if rows:
+            self.buffer.db.execute("DELETE FROM pendentes WHERE rowid <= ?", (rows[-1][0],))
+        self.pending = 0
+        return new
+
+
+plugin: Plugin[Relatorios] = Plugin(
+    "relatorios", description="Keeps a DuckDB warehouse of order events for `kafkaworkers report`."
+)
 
 
 @plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _state
-    _state = _State(Warehouse(env.data_dir / FILE_NAME), Store(env.data_dir / BUFFER_FILE, BUFFER_SCHEMA))
-    flush()
+def start(env: PluginEnv) -> Relatorios:
+    relatorios = Relatorios(Warehouse(env.data_dir / FILE_NAME), Store(env.data_dir / BUFFER_FILE, BUFFER_SCHEMA))
+    relatorios.flush()
+    return relatorios
 
 
 @plugin.on_stop
-def stop(_unused: object) -> None:
-    global _state
-    if _state is not None:
-        flush()
-        _state.warehouse.close()
-        _state.buffer.close()
-        _state = None
+def stop(relatorios: Relatorios) -> None:
+    relatorios.flush()
+    relatorios.warehouse.close()
+    relatorios.buffer.close()
 
 
-def warehouse() -> Warehouse:
-    """The running plugin's warehouse."""
-    return _require().warehouse
+@plugin.around_batch
+def batch(relatorios: Relatorios) -> AbstractContextManager[None]:
+    return relatorios.buffer.batch()
 
 
-def flush() -> int:
-    """Load the buffered events into the warehouse; how many were new to it."""
-    state = _require()
-    rows = state.buffer.db.execute("SELECT rowid, topico, valor, recebido_em FROM pendentes ORDER BY rowid").fetchall()
-    new = state.warehouse.record_many(
-        (topic, _decoders[topic].decode(value), datetime.fromisoformat(received)) for _, topic, value, received in rows
-    )
-    if rows:
-        state.buffer.db.execute("DELETE FROM pendentes WHERE rowid <= ?", (rows[-1][0],))
-    state.pending = 0
-    return new
+def _buffer(event: Event, ctx: Context[Relatorios]) -> None:
+    ctx.state.buffer_event(ctx.topic, event)
 
 
-def _buffer(event: Event, ctx: Context) -> None:
-    state = _require()
-    state.buffer.db.execute(
-        "INSERT OR IGNORE INTO pendentes VALUES (?, ?, ?, ?)",
-        (event.event_id, ctx.topic, msgspec.json.encode(event), datetime.now(UTC).isoformat()),
-    )
-    if state.pending == 0:
-        state.since = time.monotonic()
-    state.pending += 1
-    if state.pending >= FLUSH_EVENTS or time.monotonic() - state.since >= FLUSH_SECONDS:
-        flush()
-
-
+# One handler for every topic, each decoded as its own contract (all are Events).
 for _topic, _type in TOPICS.items():
     plugin.consumes(_topic, _type)(_buffer)
 
-plugin.around_batch(lambda _unused: _require().buffer.batch())
-
-
-def _require() -> _State:
-    if _state is None:
-        raise RuntimeError("relatorios is not started")
-    return _state
-
 
 @hookimpl
-def kafkaworkers_declare() -> Plugin:
+def kafkaworkers_declare() -> Plugin[Relatorios]:
     return plugin
 
 

@@ -21,6 +21,7 @@ the ``stock`` command (``kafkaworkers stock load`` / ``kafkaworkers stock show``
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import click
@@ -43,51 +44,41 @@ __all__ = ["kafkaworkers_declare", "kafkaworkers_register_commands", "load_stock
 
 CATALOGUE = Path(__file__).with_name("catalogo.json")
 
-plugin = Plugin(
+plugin: Plugin[Estoque] = Plugin(
     "reserva",
     produces={RESERVA_ESTOQUE: ReservaEstoque},
     description="Reserves order stock all-or-nothing; releases it on cancellation.",
 )
 
-_estoque: Estoque | None = None
-
 
 @plugin.on_start
-def start(env: PluginEnv) -> None:
-    global _estoque
-    _estoque = Estoque(env.data_dir / DB_FILE)
-    if not _estoque.produtos():
-        _estoque.carregar(read_catalogue(Path(env.config.get("catalogue", CATALOGUE))))
+def start(env: PluginEnv) -> Estoque:
+    estoque = Estoque(env.data_dir / DB_FILE)
+    if not estoque.produtos():
+        estoque.carregar(read_catalogue(Path(env.config.get("catalogue", CATALOGUE))))
+    return estoque
 
 
 @plugin.on_stop
-def stop(_unused: object) -> None:
-    global _estoque
-    if _estoque is not None:
-        _estoque.close()
-        _estoque = None
+def stop(estoque: Estoque) -> None:
+    estoque.close()
 
 
-def estoque() -> Estoque:
-    """The running plugin's stock database."""
-    if _estoque is None:
-        raise RuntimeError("reserva is not started")
-    return _estoque
+@plugin.around_batch
+def batch(estoque: Estoque) -> AbstractContextManager[None]:
+    return estoque.store.batch()
 
 
-plugin.around_batch(lambda _unused: estoque().store.batch())
-
-
-@plugin.consumes(PEDIDO_NOVO, PedidoNovo)
-def reservar(pedido: PedidoNovo, ctx: Context) -> None:
-    resultado = estoque().reservar(pedido.order_id, pedido.itens)
+@plugin.consumes(PEDIDO_NOVO)
+def reservar(pedido: PedidoNovo, ctx: Context[Estoque]) -> None:
+    resultado = ctx.state.reservar(pedido.order_id, pedido.itens)
     if resultado is not None:
         ctx.produce(RESERVA_ESTOQUE, _evento(pedido.order_id, resultado.status, resultado.motivo))
 
 
-@plugin.consumes(PEDIDO_CANCELADO, PedidoCancelado)
-def liberar(cancelado: PedidoCancelado, ctx: Context) -> None:
-    if estoque().liberar(cancelado.order_id):
+@plugin.consumes(PEDIDO_CANCELADO)
+def liberar(cancelado: PedidoCancelado, ctx: Context[Estoque]) -> None:
+    if ctx.state.liberar(cancelado.order_id):
         ctx.produce(RESERVA_ESTOQUE, _evento(cancelado.order_id, "liberado", f"pedido cancelado: {cancelado.motivo}"))
 
 
@@ -160,7 +151,7 @@ def show(data_dir: Path | None) -> None:
 
 
 @hookimpl
-def kafkaworkers_declare() -> Plugin:
+def kafkaworkers_declare() -> Plugin[Estoque]:
     return plugin
 
 

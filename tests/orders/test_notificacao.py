@@ -137,7 +137,7 @@ def test_every_customer_event_is_notified_once_in_portuguese(kafkaworkers_harnes
         (PROCESSO_PICKING, ProcessoPicking(order_id=ORDER, status="concluido")),
     )
 
-    assert notificacao.sent_counts() == {
+    assert harness.state("notificacao").sent_counts() == {
         "pedido_recebido": 1,
         "pagamento_aprovado": 1,
         "separacao_iniciada": 1,
@@ -157,7 +157,7 @@ def test_redelivered_events_do_not_notify_twice(kafkaworkers_harness):
     # The same events again, as after a crash before the offsets were committed.
     run(harness, (PEDIDO_NOVO, pedido()), (PEDIDO_CANCELADO, cancelado), (PROCESSO_PAGAMENTO, pagamento("estornado")))
 
-    assert notificacao.sent_counts() == {"pedido_recebido": 1, "pedido_cancelado": 1, "estorno": 1}
+    assert harness.state("notificacao").sent_counts() == {"pedido_recebido": 1, "pedido_cancelado": 1, "estorno": 1}
 
 
 def test_event_before_its_order_is_retried_and_notified_once_the_order_arrives(kafkaworkers_harness):
@@ -166,11 +166,11 @@ def test_event_before_its_order_is_retried_and_notified_once_the_order_arrives(k
 
     [retried] = harness.records("notificacao-retry-1")
     assert dict(retried.headers())["kw-exception-message"] == b"customer not known yet"
-    assert notificacao.sent_counts() == {}
+    assert harness.state("notificacao").sent_counts() == {}
 
     harness.produce(PEDIDO_NOVO, pedido(), key=ORDER)
     harness.run_until_idle(wait_for_retries=True)
-    assert notificacao.sent_counts() == {"pedido_recebido": 1, "pagamento_recusado": 1}
+    assert harness.state("notificacao").sent_counts() == {"pedido_recebido": 1, "pagamento_recusado": 1}
     assert harness.records("notificacao-dlq") == []
 
 
@@ -199,7 +199,7 @@ def test_emails_reach_a_real_smtp_server_in_portuguese(kafkaworkers_harness, smt
     body = cancelado.get_content()
     assert body.startswith("Olá, Maria Souza!")
     assert "foi cancelado porque um ou mais itens estão sem estoque" in body
-    assert notificacao.sent_counts("smtp") == {"pedido_recebido": 1, "pedido_cancelado": 1}
+    assert harness.state("notificacao").sent_counts("smtp") == {"pedido_recebido": 1, "pedido_cancelado": 1}
     assert "s3nha-secreta" not in caplog.text
     assert "s3nha-secreta" not in repr(notificacao.channels_from(config))
 
@@ -210,7 +210,7 @@ def test_unreachable_smtp_server_is_retried_and_sends_once_it_is_up(kafkaworkers
     harness = kafkaworkers_harness(notificacao.plugin, plugins={"notificacao": config})
     run(harness, (PEDIDO_NOVO, pedido()))
     assert len(harness.records("notificacao-retry-1")) == 1
-    assert notificacao.sent_counts() == {}
+    assert harness.state("notificacao").sent_counts() == {}
 
     controller, inbox = start_smtp(port)
     try:
@@ -218,7 +218,7 @@ def test_unreachable_smtp_server_is_retried_and_sends_once_it_is_up(kafkaworkers
     finally:
         controller.stop()
     assert [m["Subject"] for _, m in inbox.messages] == ["Recebemos o seu pedido PED-0001"]
-    assert notificacao.sent_counts() == {"pedido_recebido": 1}
+    assert harness.state("notificacao").sent_counts() == {"pedido_recebido": 1}
 
 
 def test_webhook_receives_json_with_a_stable_idempotency_key(kafkaworkers_harness, webhook):
@@ -240,12 +240,12 @@ def test_a_failing_channel_is_retried_alone_while_the_others_send_once(kafkawork
     config = {"channels": ["log", "webhook"], "webhook_url": webhook.url}
     harness = kafkaworkers_harness(notificacao.plugin, plugins={"notificacao": config})
     run(harness, (PEDIDO_NOVO, pedido()))
-    assert notificacao.sent_counts("log") == {"pedido_recebido": 1}
-    assert notificacao.sent_counts("webhook") == {}
+    assert harness.state("notificacao").sent_counts("log") == {"pedido_recebido": 1}
+    assert harness.state("notificacao").sent_counts("webhook") == {}
 
     harness.run_until_idle(wait_for_retries=True)
-    assert notificacao.sent_counts() == {"pedido_recebido": 2}
-    assert notificacao.sent_counts("webhook") == {"pedido_recebido": 1}
+    assert harness.state("notificacao").sent_counts() == {"pedido_recebido": 2}
+    assert harness.state("notificacao").sent_counts("webhook") == {"pedido_recebido": 1}
     assert len(webhook.requests) == 2
 
 

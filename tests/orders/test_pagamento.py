@@ -9,11 +9,12 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kafkaworkers import ConfigError, PermanentError
+from kafkaworkers import ConfigError, PermanentError, PluginEnv
 from kafkaworkers.breaker import OPEN
 from kafkaworkers_orders import pagamento
 from kafkaworkers_orders.contracts import (
@@ -102,7 +103,7 @@ def test_a_timed_out_charge_is_retried_and_charged_only_once(kafkaworkers_harnes
 
     [evento] = pagamentos(harness)
     assert evento.status == "aprovado"
-    gateway = pagamento.cobrancas().gateway
+    gateway = harness.state("pagamento").gateway
     assert (gateway.charge_calls["p1"], gateway.charges_for("p1")) == (2, 1)
 
 
@@ -113,7 +114,7 @@ def test_a_redelivered_order_repeats_its_outcome_without_calling_the_gateway(har
 
     eventos = pagamentos(harness)
     assert len(eventos) == 3 and len({(e.status, e.transacao_id, e.event_id) for e in eventos}) == 1
-    gateway = pagamento.cobrancas().gateway
+    gateway = harness.state("pagamento").gateway
     assert (gateway.charge_calls["p1"], gateway.charges_for("p1")) == (1, 1)
 
 
@@ -130,7 +131,7 @@ def test_a_cancellation_refunds_an_approved_charge_exactly_once(harness) -> None
     assert {(e.event_id, e.transacao_id, e.valor_centavos) for e in estornos} == {
         (event_id_for("p1", "processo-pagamento:estornado"), aprovado.transacao_id, 9980)
     }
-    assert pagamento.cobrancas().gateway.refunds_for(aprovado.transacao_id) == 1
+    assert harness.state("pagamento").gateway.refunds_for(aprovado.transacao_id) == 1
 
 
 def test_a_cancellation_of_a_declined_order_refunds_nothing(harness) -> None:
@@ -149,11 +150,11 @@ def test_an_order_whose_cancellation_came_first_is_never_charged(harness) -> Non
     harness.run_until_idle()
 
     assert pagamentos(harness) == []
-    assert pagamento.cobrancas().gateway.charge_calls["p1"] == 0
+    assert harness.state("pagamento").gateway.charge_calls["p1"] == 0
 
 
 def test_the_breaker_opens_and_pauses_the_worker_while_the_gateway_is_down(harness) -> None:
-    pagamento.cobrancas().gateway.down = True
+    harness.state("pagamento").gateway.down = True
     for n in range(8):
         harness.produce(PEDIDO_NOVO, pedido(f"p{n}"), key=f"p{n}")
     harness.run_until_idle()
@@ -167,14 +168,14 @@ def test_the_breaker_opens_and_pauses_the_worker_while_the_gateway_is_down(harne
     assert pagamentos(harness) == [] and harness.records("pagamento-dlq") == []
 
 
-def test_an_unknown_gateway_kind_is_a_config_error(kafkaworkers_harness) -> None:
+def test_an_unknown_gateway_kind_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="simulated"):
-        kafkaworkers_harness(pagamento.plugin, plugins={"pagamento": {"gateway": "paypal"}})
+        pagamento.plugin.start(PluginEnv("pagamento", {"gateway": "paypal"}, tmp_path))
 
 
-def test_the_http_gateway_needs_its_url_and_api_key(kafkaworkers_harness) -> None:
+def test_the_http_gateway_needs_its_url_and_api_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="gateway_url and gateway_api_key"):
-        kafkaworkers_harness(pagamento.plugin, plugins={"pagamento": {"gateway": "http"}})
+        pagamento.plugin.start(PluginEnv("pagamento", {"gateway": "http"}, tmp_path))
 
 
 # --- the HTTP gateway against a real local server ---------------------------------------

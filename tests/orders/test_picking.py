@@ -174,21 +174,21 @@ def test_the_saga_ends_picked_or_cancelled_with_every_compensation_done_once(
 ) -> None:
     harness = kafkaworkers_harness(reserva.plugin, fraude.plugin, pagamento.plugin, picking.plugin)
     sku = pedido.itens[0].sku
-    before = reserva.estoque().disponivel(sku)
+    before = harness.state("reserva").disponivel(sku)
     harness.produce(PEDIDO_NOVO, pedido, key=pedido.order_id)
     harness.run_until_idle()
 
-    gateway = pagamento.cobrancas().gateway
+    gateway = harness.state("pagamento").gateway
     approved = [p for p in harness.values(PROCESSO_PAGAMENTO, ProcessoPagamento) if p.status == "aprovado"]
     if motivo is None:
         assert [s.status for s in stages(harness)] == ["iniciado", "concluido"]
         assert cancels(harness) == []
-        assert reserva.estoque().disponivel(sku) == before - 1
+        assert harness.state("reserva").disponivel(sku) == before - 1
         assert gateway.charges_for(pedido.order_id) == 1 and gateway.refunds_for(approved[0].transacao_id) == 0
         return
     assert stages(harness) == []
     assert [c.motivo for c in cancels(harness)] == [motivo]
-    assert reserva.estoque().disponivel(sku) == before
+    assert harness.state("reserva").disponivel(sku) == before
     # Fraud may cancel before or after the charge: either nothing was charged or it was refunded once.
     assert [gateway.refunds_for(p.transacao_id) for p in approved] == [1] * len(approved)
     statuses = [r.status for r in harness.values(RESERVA_ESTOQUE, ReservaEstoque)]

@@ -196,10 +196,10 @@ def test_plugin_records_every_topic_once_on_redelivery(kafkaworkers_harness):
         for topic, event in known_set():
             harness.produce(topic, event, key=event.order_id)
         harness.run_until_idle()
-        loaded.append(relatorios.flush())
+        loaded.append(harness.state("relatorios").flush())
 
     assert loaded == [len(known_set()), 0]
-    store = relatorios.warehouse()
+    store = harness.state("relatorios").warehouse
     assert store.db.execute("SELECT topico, count(*) FROM eventos GROUP BY ALL ORDER BY 1").fetchall() == [
         (FRAUDE_VERIFICADO, 3), (PEDIDO_CANCELADO, 2), (PEDIDO_NOVO, 4), (PROCESSO_PAGAMENTO, 4),
         (PROCESSO_PICKING, 4), (RESERVA_ESTOQUE, 5),
@@ -226,8 +226,8 @@ def test_events_a_crashed_worker_left_buffered_are_reported_then_loaded_on_start
     summary = json.loads(result.output)
     assert (summary["orders"], summary["pending_events"]) == (0, len(known_set()))
 
-    kafkaworkers_harness(relatorios.plugin, data_dir=crashed)
-    assert relatorios.warehouse().summary()["orders"] == 4
+    restarted = kafkaworkers_harness(relatorios.plugin, data_dir=crashed)
+    assert restarted.state("relatorios").warehouse.summary()["orders"] == 4
 
 
 @pytest.fixture

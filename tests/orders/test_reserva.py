@@ -66,6 +66,11 @@ def harness(kafkaworkers_harness, catalogue: Path):
     return kafkaworkers_harness(reserva.plugin, plugins={"reserva": {"catalogue": str(catalogue)}})
 
 
+def estoque(harness) -> Estoque:
+    """The running reserva's stock database."""
+    return harness.state("reserva")
+
+
 def outcomes(harness) -> list[ReservaEstoque]:
     return harness.values(RESERVA_ESTOQUE, ReservaEstoque)
 
@@ -78,7 +83,7 @@ def test_an_order_reserves_every_line_and_publishes_reservado(harness) -> None:
     assert (evento.order_id, evento.status) == ("p1", "reservado")
     assert evento.event_id == event_id_for("p1", "reserva-estoque:reservado")
     assert harness.records(RESERVA_ESTOQUE)[0].key() == b"p1"
-    assert (reserva.estoque().disponivel("CAM-001"), reserva.estoque().disponivel("TEN-001")) == (3, 0)
+    assert (estoque(harness).disponivel("CAM-001"), estoque(harness).disponivel("TEN-001")) == (3, 0)
 
 
 def test_an_order_with_one_short_line_reserves_nothing(harness) -> None:
@@ -88,7 +93,7 @@ def test_an_order_with_one_short_line_reserves_nothing(harness) -> None:
     [evento] = outcomes(harness)
     assert evento.status == "sem_estoque"
     assert evento.motivo == "sem estoque: TEN-001 (pedidos 2, disponíveis 1)"
-    assert (reserva.estoque().disponivel("CAM-001"), reserva.estoque().disponivel("TEN-001")) == (5, 1)
+    assert (estoque(harness).disponivel("CAM-001"), estoque(harness).disponivel("TEN-001")) == (5, 1)
 
 
 def test_repeated_lines_of_one_sku_are_reserved_as_their_sum(harness) -> None:
@@ -96,7 +101,7 @@ def test_repeated_lines_of_one_sku_are_reserved_as_their_sum(harness) -> None:
     harness.run_until_idle()
 
     assert [e.status for e in outcomes(harness)] == ["sem_estoque"]
-    assert reserva.estoque().disponivel("CAM-001") == 5
+    assert estoque(harness).disponivel("CAM-001") == 5
 
 
 def test_an_unknown_sku_is_sem_estoque_naming_it_and_reserves_nothing(harness) -> None:
@@ -105,7 +110,7 @@ def test_an_unknown_sku_is_sem_estoque_naming_it_and_reserves_nothing(harness) -
 
     [evento] = outcomes(harness)
     assert (evento.status, evento.motivo) == ("sem_estoque", "SKU desconhecido: XYZ-999")
-    assert reserva.estoque().disponivel("CAM-001") == 5
+    assert estoque(harness).disponivel("CAM-001") == 5
     assert harness.records("reserva-dlq") == []
 
 
@@ -117,18 +122,18 @@ def test_a_redelivered_order_takes_stock_once_and_repeats_its_outcome(harness) -
     eventos = outcomes(harness)
     assert [e.status for e in eventos] == ["reservado"] * 3
     assert {e.event_id for e in eventos} == {event_id_for("p1", "reserva-estoque:reservado")}
-    assert reserva.estoque().disponivel("CAM-001") == 3
+    assert estoque(harness).disponivel("CAM-001") == 3
 
 
 def test_a_redelivered_out_of_stock_order_stays_out_of_stock_after_a_restock(harness, catalogue: Path) -> None:
     harness.produce(PEDIDO_NOVO, pedido("p1", ("TEN-001", 2)), key="p1")
     harness.run_until_idle()
-    reserva.estoque().carregar([Produto(sku="TEN-001", nome="Tênis", estoque=10)])
+    estoque(harness).carregar([Produto(sku="TEN-001", nome="Tênis", estoque=10)])
     harness.produce(PEDIDO_NOVO, pedido("p1", ("TEN-001", 2)), key="p1")
     harness.run_until_idle()
 
     assert [e.status for e in outcomes(harness)] == ["sem_estoque", "sem_estoque"]
-    assert reserva.estoque().disponivel("TEN-001") == 10
+    assert estoque(harness).disponivel("TEN-001") == 10
 
 
 def test_a_cancellation_releases_the_reserved_stock_exactly_once(harness) -> None:
@@ -141,7 +146,7 @@ def test_a_cancellation_releases_the_reserved_stock_exactly_once(harness) -> Non
     liberados = [e for e in outcomes(harness) if e.status == "liberado"]
     # The second copy re-publishes the same event (a crash could have lost the first); stock moved once.
     assert {e.event_id for e in liberados} == {event_id_for("p1", "reserva-estoque:liberado")}
-    assert (reserva.estoque().disponivel("CAM-001"), reserva.estoque().disponivel("TEN-001")) == (5, 1)
+    assert (estoque(harness).disponivel("CAM-001"), estoque(harness).disponivel("TEN-001")) == (5, 1)
 
 
 def test_a_cancellation_of_an_order_never_reserved_publishes_nothing(harness) -> None:
@@ -151,7 +156,7 @@ def test_a_cancellation_of_an_order_never_reserved_publishes_nothing(harness) ->
     harness.run_until_idle()
 
     assert [e.status for e in outcomes(harness)] == ["sem_estoque"]
-    assert reserva.estoque().disponivel("TEN-001") == 1
+    assert estoque(harness).disponivel("TEN-001") == 1
 
 
 def test_an_order_whose_cancellation_came_first_reserves_nothing(harness) -> None:
@@ -161,19 +166,19 @@ def test_an_order_whose_cancellation_came_first_reserves_nothing(harness) -> Non
     harness.run_until_idle()
 
     assert outcomes(harness) == []
-    assert reserva.estoque().disponivel("CAM-001") == 5
+    assert estoque(harness).disponivel("CAM-001") == 5
 
 
 def test_the_seed_catalogue_is_loaded_on_first_start_only(kafkaworkers_harness, tmp_path: Path) -> None:
     first = kafkaworkers_harness(reserva.plugin, data_dir=tmp_path / "data")
-    seed = {p.sku: p.estoque for p in reserva.estoque().produtos()}
+    seed = {p.sku: p.estoque for p in estoque(first).produtos()}
     assert len(seed) == 20 and seed["CAM-001"] > 0
     first.produce(PEDIDO_NOVO, pedido("p1", ("CAM-001", 1)), key="p1")
     first.run_until_idle()
     first.close()
 
-    kafkaworkers_harness(reserva.plugin, data_dir=tmp_path / "data")
-    assert reserva.estoque().disponivel("CAM-001") == seed["CAM-001"] - 1
+    second = kafkaworkers_harness(reserva.plugin, data_dir=tmp_path / "data")
+    assert estoque(second).disponivel("CAM-001") == seed["CAM-001"] - 1
 
 
 # --- concurrency: real transactions of separate connections on one file ------------------
