@@ -9,6 +9,8 @@
     ├── DecodeError        bytes that do not decode into the topic's declared type (permanent)
     ├── Retry              raised by a handler: try again later through the retry topics
     ├── PermanentError     raised by a handler: retrying cannot help, dead-letter now
+    │   └── MessageTooLarge    a produced message is over the producer's message.max.bytes
+    ├── ProducerFatal      the producer hit a fatal error: the worker stops, nothing stored
     └── CircuitOpenError   a circuit breaker refused the call: pause, never retry or dead-letter
 """
 
@@ -52,6 +54,18 @@ class Retry(KafkaWorkersError):
 
 class PermanentError(KafkaWorkersError):
     """Raised by a handler when retrying cannot help: the message goes to the dead-letter topic."""
+
+
+class MessageTooLarge(PermanentError):
+    """A message is larger than the producer or the topic accepts: sending it again cannot help."""
+
+
+class ProducerFatal(KafkaWorkersError):
+    """The producer reported a fatal error (``KafkaError.fatal()``): it cannot produce again.
+
+    The worker stores nothing more and stops, so a supervisor restarts it with a new producer;
+    what was not stored is handled again.
+    """
 
 
 class CircuitOpenError(KafkaWorkersError):

@@ -7,6 +7,8 @@ together across services.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "H_ATTEMPT",
     "H_CORRELATION_ID",
@@ -25,6 +27,7 @@ __all__ = [
     "H_TRUNCATED",
     "PREFIX",
     "number",
+    "parse_headers",
 ]
 
 #: Every framework header starts with this; a copy keeps a source's own headers, not these.
@@ -59,3 +62,10 @@ H_REPLAYED_AT = "kw-replayed-at"
 def number(raw: bytes | None) -> int:
     """A non-negative integer header (attempt, due time, length); 0 when absent or not a sane number."""
     return int(raw) if raw and raw.isdigit() and len(raw) <= 18 else 0
+
+
+def parse_headers(raw: Iterable[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
+    """Kafka headers as a dict; a null header value becomes ``b""``; for a repeated name the last wins."""
+    if not raw:
+        return {}
+    return {k: v if v is not None else b"" for k, v in raw}

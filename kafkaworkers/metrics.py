@@ -86,7 +86,17 @@ class Metrics:
         self.paused = Gauge(
             "kafkaworkers_partitions_paused", "Assigned partitions currently paused.", ["plugin"], registry=r
         )
+        self.observer_errors = Counter(
+            "kafkaworkers_observer_errors",
+            "Observer hooks that raised; the messages they observed kept their outcome.",
+            ["plugin", "hook"],
+            registry=r,
+        )
         Info("kafkaworkers_build", "The kafkaworkers version.", registry=r).info({"version": __version__})
+
+    def observer_failed(self, plugin: str, hook: str) -> None:
+        """Count an observer hook of ``plugin`` that raised."""
+        self.observer_errors.labels(plugin, hook).inc()
 
     def for_plugin(self, plugin: str) -> PluginMetrics:
         """The label children of one plugin, resolved once."""

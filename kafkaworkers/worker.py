@@ -4,17 +4,19 @@ One :class:`Worker` runs one or more plugins in one thread, each plugin with its
 consumer in its own group, all sharing the process's producer. The order of a batch is the
 whole delivery guarantee:
 
-1. ``consume`` a batch; skip partitions that are paused (a retry not yet due, an open breaker);
+1. ``consume`` a batch; drop what belongs to a partition revoked meanwhile; skip partitions
+   that are paused (a retry not yet due, an open breaker, a retry in place);
 2. decode and handle each message, inside the plugin's ``around_batch`` scope if it has one
-   (a database transaction committed once per batch); a failure is re-published to a retry
-   or dead-letter topic instead (:mod:`kafkaworkers.retry`);
+   (a database transaction committed once per batch); a failure is routed by the plugin's
+   retry policy (:mod:`kafkaworkers.retry`): a retry topic, a pause in place, or the
+   dead-letter topic;
 3. ``flush`` the producer: every message the handlers, retries and dead letters produced is
-   acknowledged by the broker, or failed;
+   acknowledged by the broker, or refused;
 4. only then store each partition's next offset (librdkafka commits stored offsets in the
-   background); if any delivery failed, or the scope failed to begin or commit, store
-   nothing and rewind the batch's partitions.
+   background). The bookkeeping of steps 2-4 is a :class:`~kafkaworkers.batch.Batch`.
 
 A crash anywhere re-delivers from the last stored offset: at-least-once, nothing lost.
+Observer hooks never change a message's outcome: the plugin host isolates them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -30,26 +31,25 @@ from typing import Any
 import msgspec
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription, parse_headers
-from kafkaworkers.config import Settings
+from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription
+from kafkaworkers.batch import BREAKER_OPEN, RETRY_IN_PLACE, RETRY_NOT_DUE, Batch, Partitions
+from kafkaworkers.clock import SYSTEM_CLOCK, Clock
+from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, DecodeError, PluginError
-from kafkaworkers.headers import H_ATTEMPT, H_DUE, H_ORIGINAL_TOPIC
+from kafkaworkers.headers import H_DUE, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
-from kafkaworkers.producer import shared_producer
-from kafkaworkers.retry import dlq_topic, failure_headers, retry_topic
-from kafkaworkers.transports import Message, Producer, Transport, transport_for
+from kafkaworkers.producer import producer_config, shared_producer
+from kafkaworkers.retry import FailureRouter
+from kafkaworkers.transports import Consumer, Message, Producer, Transport, transport_for
 
 __all__ = ["PluginRunner", "Worker"]
 
 log = logging.getLogger(__name__)
 
-#: A dead letter larger than this is stored cut, with a header saying so; the original bytes
-#: stay in the source topic at the offset the headers name.
-DLQ_MAX_VALUE = 512 * 1024
-_MAX_REWIND_BACKOFF = 30.0
 _ERROR_LOG_INTERVAL = 10.0
+TP = tuple[str, int]
 
 
 class _Route:
@@ -67,28 +67,42 @@ class _Route:
 
 
 class PluginRunner:
-    """One plugin's consumer and the batch step that drives it."""
+    """One plugin's consumers and the batch step that drives them.
+
+    :param plugin: the plugin.
+    :param settings: resolved settings.
+    :param host: the plugin host, for observer hooks.
+    :param producer: the process's shared producer.
+    :param transport: the broker.
+    :param metrics: the plugin's metric children; ``None`` turns metrics off.
+    :param state: what the plugin's ``on_start`` returned: ``ctx.state``, and its batch scope's.
+    :param clock: the clocks pauses and due times are measured on.
+    """
 
     def __init__(
         self,
-        plugin: Plugin,
+        plugin: Plugin[Any],
         settings: Settings,
         host: PluginHost,
         producer: Producer,
         transport: Transport,
         metrics: PluginMetrics | None,
         state: Any = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.plugin = plugin
-        self.state = state  # what the plugin's on_start returned: ctx.state, and its batch scope's
+        self.state = state
         self.group = settings.group_for(plugin.name)
         self.host = host
         self.producer = producer
         self.metrics = metrics
+        self.clock = clock
         self.batch_size = settings.batch_size
         self.routes = {t: _Route(s, metrics) for t, s in plugin.subscriptions.items()}
-        self.retry_topics = [retry_topic(self.group, i + 1) for i in range(len(plugin.retry.delays))]
-        self.dlq = dlq_topic(self.group)
+        max_bytes = int(producer_config(settings).get("message.max.bytes", 1_000_000))
+        self.router = FailureRouter(plugin.name, self.group, plugin.retry, clock, max_bytes)
+        self.retry_topics = self.router.retry_topics
+        self.dlq = self.router.dlq
         stats = self._stats_config(settings)
         self.consumer = create_consumer(settings, self.group, stats, transport=transport)
         # Retry topics get a consumer (and group) of their own: sticky assignment balances the
@@ -98,21 +112,29 @@ class PluginRunner:
             create_consumer(settings, f"{self.group}-retry", stats, transport=transport) if self.retry_topics else None
         )
         self.consumers = [c for c in (self.consumer, self.retry_consumer) if c is not None]
-        self.assignment: set[tuple[str, int]] = set()
-        self.paused: dict[tuple[str, int], float] = {}
+        self.partitions = Partitions(
+            plugin.name, self._consumer_of, clock, metrics.paused.set if metrics is not None else None
+        )
         self._joined: set[int] = set()
-        self._delivery_errors = 0
-        self._scope_error: str | None = None
-        self._rewind_backoff = 0.0
+        # Bumped by every revoke or loss, so a fetch can tell a rebalance ran inside it.
+        self._rebalances = 0
+        # retry mode "pause": the partition -> (offset, failed deliveries) of the message it waits on
+        self._in_place: dict[TP, tuple[int, int]] = {}
         self._error_logged: dict[int, float] = {}
-        self._produced: dict[str, int] = defaultdict(int)
-        self._send = self._make_send()
-        # Where handlers, retries and dead letters produce to: the producer, or, while a batch
-        # scope is open, a list sent once the scope has committed.
-        self._out = self._send
+        self._produced: defaultdict[str, int] = defaultdict(int)
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
         self._hook_batch = host.has_impl("kafkaworkers_batch_received")
+
+    @property
+    def paused(self) -> dict[TP, tuple[float, str]]:
+        """Paused partitions -> (until, reason)."""
+        return self.partitions.paused
+
+    @property
+    def assignment(self) -> set[TP]:
+        """The partitions assigned to this plugin's consumers."""
+        return self.partitions.assigned
 
     # --- group membership ------------------------------------------------------------
 
@@ -127,16 +149,16 @@ class PluginRunner:
         """Whether every consumer of this plugin has joined its group."""
         return len(self._joined) == len(self.consumers)
 
-    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._joined.add(id(consumer))
-        self.assignment.update((tp.topic, tp.partition) for tp in partitions)
+        self.partitions.assign(consumer, partitions)
         if self.metrics:
-            self.metrics.assigned.set(len(self.assignment))
+            self.metrics.assigned.set(len(self.partitions.assigned))
         if partitions:
             log.info("%s: assigned %s", self.plugin.name, _fmt(partitions))
             self.host.partitions_assigned(self.plugin, partitions)
 
-    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Revocation happens inside consume(), so the previous batch is finished and its
         # offsets stored: commit them now, before another member takes the partitions.
         self._commit(consumer)
@@ -145,20 +167,19 @@ class PluginRunner:
             log.info("%s: revoked %s", self.plugin.name, _fmt(partitions))
             self.host.partitions_revoked(self.plugin, partitions)
 
-    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%s: lost %s; their uncommitted work will be redone", self.plugin.name, _fmt(partitions))
         self._forget(partitions)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
+        self._rebalances += 1
+        self.partitions.forget(partitions)
         for tp in partitions:
-            key = (tp.topic, tp.partition)
-            self.assignment.discard(key)
-            self.paused.pop(key, None)
+            self._in_place.pop((tp.topic, tp.partition), None)
             if self.metrics:
                 self.metrics.forget_lag(tp.topic, tp.partition)
         if self.metrics:
-            self.metrics.assigned.set(len(self.assignment))
-            self.metrics.paused.set(len(self.paused))
+            self.metrics.assigned.set(len(self.partitions.assigned))
 
     # --- consumer lag (librdkafka statistics) ------------------------------------------
 
@@ -174,7 +195,7 @@ class PluginRunner:
     def _on_stats(self, stats: str) -> None:
         """librdkafka's statistics, delivered inside consume() on this thread: update the lag gauges."""
         if self.metrics is not None:
-            self.metrics.update_lag(stats, self.assignment)
+            self.metrics.update_lag(stats, self.partitions.assigned)
 
     def commit(self) -> None:
         """Commit the stored offsets now (shutdown)."""
@@ -187,35 +208,36 @@ class PluginRunner:
         for consumer in self.consumers:
             consumer.close()
 
-    def _commit(self, consumer: Any) -> None:
+    def _commit(self, consumer: Consumer) -> None:
         try:
             consumer.commit(asynchronous=False)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("%s: commit failed: %s", self.plugin.name, exc.args[0].str())
 
-    def _consumer_of(self, topic: str) -> Any:
-        return self.consumer if topic in self.routes else self.retry_consumer
+    def _consumer_of(self, topic: str) -> Consumer:
+        if topic in self.routes or self.retry_consumer is None:
+            return self.consumer
+        return self.retry_consumer
 
     # --- the batch step --------------------------------------------------------------
 
-    def step(self, timeout: float, flush: Callable[[], None]) -> int:
+    def step(self, timeout: float, flush: Any) -> int:
         """Consume and finish one batch; return how many messages it held."""
-        if self.paused:
-            self._resume_due()
+        if self.partitions.paused:
+            self.partitions.resume_due()
         messages = self._fetch(timeout)
         if not messages:
             return 0
         if self._hook_batch:
             self.host.batch_received(self.plugin, messages)
         scope = self.plugin.batch_scope(self.state)
-        first, last = self._handle(messages) if scope is None else self._handle_in(scope, messages)
-        flush()
-        if self._delivery_errors or self._scope_error:
-            self._rewind(first)
-        elif last:
-            self._rewind_backoff = 0.0
-            self._store(last)
+        batch = Batch(self.plugin.name, self.producer, self.router, self.partitions, self._produced, scope is not None)
+        if scope is None:
+            self._handle(batch, messages)
+        else:
+            self._handle_in(scope, batch, messages)
+        batch.finish(flush)
         self._publish_counts(len(messages))
         return len(messages)
 
@@ -223,8 +245,11 @@ class PluginRunner:
         """What is waiting, up to a batch; block up to ``timeout`` only while nothing is.
 
         ``consume(n, timeout)`` waits until it has ``n`` messages, which at a low rate would
-        hold every message back for the whole timeout: wait for one, then take the rest.
+        hold every message back for the whole timeout: wait for one, then take the rest. A
+        rebalance may run inside any of these calls: what was fetched before it, of a
+        partition it revoked, belongs to the partition's new owner now and is dropped.
         """
+        rebalances = self._rebalances
         consumer = self.consumer
         messages = consumer.consume(self.batch_size, 0)
         if not messages:
@@ -233,20 +258,20 @@ class PluginRunner:
                 messages += consumer.consume(self.batch_size - 1, 0)
         if self.retry_consumer is not None:
             messages += self.retry_consumer.consume(self.batch_size, 0)
+        if rebalances != self._rebalances and messages:
+            assigned = self.partitions.assigned
+            messages = [m for m in messages if m.error() is not None or (m.topic(), m.partition()) in assigned]
         return messages
 
-    def _handle(
-        self, messages: list[Message], held: list[tuple[Any, ...]] | None = None
-    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
-        """Decode and handle each message; ``held`` (inside a batch scope) collects what they
-        produce, and loses what a failed message produced, as its writes are rolled back."""
+    def _handle(self, batch: Batch, messages: list[Message]) -> None:
+        """Decode and handle each message, recording in ``batch`` what may be stored."""
         routes = self.routes
         plugin = self.plugin
-        send = self._out
+        send = batch.output
         state = self.state
-        first: dict[tuple[str, int], int] = {}
-        last: dict[tuple[str, int], int] = {}
-        blocked: set[tuple[str, int]] = set()
+        first = batch.first
+        last = batch.last
+        blocked = batch.blocked
         perf = time.perf_counter
         for msg in messages:
             if msg.error() is not None:
@@ -256,20 +281,16 @@ class PluginRunner:
             if tp in blocked:
                 continue
             offset = msg.offset()
+            batch.source = msg
             route = routes.get(tp[0])
             if route is None:
-                route = self._retry_route(msg, tp, offset)
+                route = self._retry_route(batch, msg, tp, offset)
                 if route is None:
-                    blocked.add(tp)
-                    continue
-                if route is _DEAD:
-                    first.setdefault(tp, offset)
-                    last[tp] = offset
                     continue
             if tp not in first:
                 first[tp] = offset
             route.consumed += 1
-            mark = len(held) if held is not None else 0
+            mark = batch.mark()
             try:
                 raw = msg.value()
                 if raw is None:
@@ -279,122 +300,96 @@ class PluginRunner:
                 except (msgspec.DecodeError, RecursionError) as exc:
                     raise DecodeError(f"not a valid {route.subscription.type.__name__}: {exc}") from None
                 start = perf()
-                route.handler(value, Context(plugin, msg, send, state))
+                in_place = self._in_place.get(tp) if self._in_place else None
+                attempt = in_place[1] + 1 if in_place is not None and in_place[0] == offset else 0
+                route.handler(value, Context(plugin, msg, send, state, attempt))
                 if route.duration is not None:
                     route.duration.observe(perf() - start)
-                route.ok += 1
-                if self._hook_handled:
-                    self.host.message_handled(plugin, msg, value)
             except CircuitOpenError as exc:
-                if held is not None:
-                    del held[mark:]
-                self._pause(tp, offset, exc.retry_at, f"breaker {exc.breaker!r} is open")
+                batch.drop(mark)
+                self.partitions.pause(tp, offset, exc.retry_at, f"{BREAKER_OPEN}: {exc.breaker!r}")
                 blocked.add(tp)
                 if self._hook_failed:
                     self.host.message_failed(plugin, msg, exc, "paused")
                 continue
             except Exception as exc:
-                if held is not None:
-                    del held[mark:]
-                self._fail(route, msg, tp, exc)
+                batch.drop(mark)
+                if not self._fail(batch, route, msg, tp, exc):
+                    continue
+            else:
+                route.ok += 1
+                if self._in_place:
+                    self._in_place.pop(tp, None)
+                if self._hook_handled:
+                    self.host.message_handled(plugin, msg, value)
             last[tp] = offset
-        return first, last
 
-    def _handle_in(
-        self, scope: AbstractContextManager[object], messages: list[Message]
-    ) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    def _handle_in(self, scope: AbstractContextManager[object], batch: Batch, messages: list[Message]) -> None:
         """:meth:`_handle` inside the plugin's batch scope, producing only after the scope committed.
 
         Messages are held until then, so nothing downstream ever sees the effect of work the
         plugin then rolled back. If the scope cannot begin or commit, nothing of the batch
         counts as done: nothing is produced and every partition is rewound to its first offset.
         """
-        pending: list[tuple[Any, ...]] = []
-
-        def hold(*message: Any) -> None:
-            pending.append(message)
-
-        self._out = hold
         try:
             with scope:
-                first, last = self._handle(messages, pending)
+                self._handle(batch, messages)
         except BrokerUnavailable:
             raise
         except Exception as exc:
-            self._scope_error = f"{type(exc).__name__}: {exc}"
-            first = {}
+            batch.discard()
+            batch.scope_error = f"{type(exc).__name__}: {exc}"
             for msg in messages:
                 if msg.error() is None:
-                    first.setdefault((msg.topic(), msg.partition()), msg.offset())
-            return first, {}
-        finally:
-            self._out = self._send
-        send = self._send
-        for message in pending:
-            send(*message)
-        return first, last
+                    batch.first.setdefault((msg.topic(), msg.partition()), msg.offset())
+            return
+        batch.release()
 
-    def _retry_route(self, msg: Message, tp: tuple[str, int], offset: int) -> _Route | None:
-        """The route of a message from a retry topic, or ``None`` after pausing until it is due."""
+    def _retry_route(self, batch: Batch, msg: Message, tp: TP, offset: int) -> _Route | None:
+        """The route of a message from a retry topic; ``None`` after pausing until it is due, or
+        after dead-lettering one whose original topic this plugin no longer handles."""
         headers = parse_headers(msg.headers())
-        wait = _number(headers.get(H_DUE)) / 1000 - time.time()
+        wait = number(headers.get(H_DUE)) / 1000 - self.clock.time()
         if wait > 0:
-            self._pause(tp, offset, time.monotonic() + wait, None)
+            self.partitions.pause(tp, offset, self.clock.monotonic() + wait, RETRY_NOT_DUE, quiet=True)
+            batch.blocked.add(tp)
             return None
         original = headers.get(H_ORIGINAL_TOPIC, b"").decode("utf-8", "replace")
         route = self.routes.get(original)
         if route is None:
             # The plugin no longer consumes the original topic: nothing can handle it.
-            route = next(iter(self.routes.values()))
-            self._fail(route, msg, tp, PluginError(f"no handler for original topic {original!r}"))
-            return _DEAD
+            error = PluginError(f"no handler for original topic {original!r}")
+            self.router.dead_letter(msg, original or tp[0], error, batch.write)
+            batch.first.setdefault(tp, offset)
+            batch.last[tp] = offset
+            if self._hook_failed:
+                self.host.message_failed(self.plugin, msg, error, "dead_lettered")
+            return None
         return route
 
-    def _fail(self, route: _Route, msg: Message, tp: tuple[str, int], error: Exception) -> None:
-        """Re-publish a failed message to its retry topic or the dead-letter topic."""
-        from_retry = tp[0] not in self.routes
-        source = parse_headers(msg.headers())
-        if not from_retry:
-            # kw- bookkeeping on a main topic was copied or forged: the origin is this message.
-            source = {k: v for k, v in source.items() if not k.startswith("kw-") or k == "kw-correlation-id"}
-        attempt = _number(source.get(H_ATTEMPT)) + 1 if from_retry else 1
-        decision = self.plugin.retry.decide(error, attempt)
-        due_ms = int((time.time() + decision.delay) * 1000) if decision.action == "retry" else None
-        headers = failure_headers(
-            source,
-            topic=route.topic,
-            partition=tp[1],
-            offset=msg.offset(),
-            timestamp_ms=msg.timestamp()[1],
-            plugin=self.plugin.name,
-            attempt=attempt,
-            error=error,
-            due_ms=due_ms,
-        )
-        value = msg.value()
-        if decision.action == "retry":
-            self._out(retry_topic(self.group, decision.level), value, msg.key(), headers)
+    def _fail(self, batch: Batch, route: _Route, msg: Message, tp: TP, error: Exception) -> bool:
+        """Route a failed message by the retry policy; whether it is done (its offset may be stored)."""
+        attempt = 0
+        if self.router.policy.mode == "pause":
+            at, failed = self._in_place.get(tp, (-1, 0))
+            attempt = failed + 1 if at == msg.offset() else 1
+        decision = self.router.fail(msg, route.topic, error, batch.write, attempt)
+        if decision.action == "retry" and not self.router.retry_topics:
+            self._in_place[tp] = (msg.offset(), attempt)
+            until = self.clock.monotonic() + decision.delay
+            self.partitions.pause(tp, msg.offset(), until, f"{RETRY_IN_PLACE} (attempt {attempt})", quiet=True)
+            batch.blocked.add(tp)
+            outcome = "paused"
+        elif decision.action == "retry":
             route.retried += 1
             outcome = "retried"
-            log.info(
-                "%s: %s[%d]@%d failed (attempt %d), retry in %.1f s: %s: %s",
-                self.plugin.name, tp[0], tp[1], msg.offset(), attempt, decision.delay,
-                type(error).__name__, error, extra=_extra(self.plugin, tp, msg),
-            )  # fmt: skip
         else:
-            if value is not None and len(value) > DLQ_MAX_VALUE:
-                value = value[:DLQ_MAX_VALUE]
-                headers.append(("kw-value-truncated", str(len(msg.value() or b"")).encode()))
-            self._out(self.dlq, value, msg.key(), headers)
+            self._in_place.pop(tp, None)
             route.dead += 1
             outcome = "dead_lettered"
-            log.warning(
-                "%s: %s[%d]@%d dead-lettered after %d attempt(s): %s: %s",
-                self.plugin.name, tp[0], tp[1], msg.offset(), attempt, type(error).__name__, error,
-                extra=_extra(self.plugin, tp, msg),
-            )  # fmt: skip
         if self._hook_failed:
             self.host.message_failed(self.plugin, msg, error, outcome)
+        return outcome != "paused"
 
     def _consumer_error(self, msg: Message) -> None:
         err = msg.error()
@@ -404,61 +399,10 @@ class PluginRunner:
             raise BrokerUnavailable(f"{self.plugin.name}: fatal consumer error: {err.str()}")
         # librdkafka reports a broker outage on every poll until it recovers by itself:
         # say it once per error kind and interval, not twice a second.
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now - self._error_logged.get(err.code(), -_ERROR_LOG_INTERVAL) >= _ERROR_LOG_INTERVAL:
             self._error_logged[err.code()] = now
             log.warning("%s: consumer error (librdkafka retries by itself): %s", self.plugin.name, err.str())
-
-    # --- pausing, rewinding, storing -------------------------------------------------
-
-    def _pause(self, tp: tuple[str, int], offset: int, until: float, reason: str | None) -> None:
-        """Pause a partition and rewind it to ``offset``: what was prefetched is fetched again."""
-        part = TopicPartition(tp[0], tp[1], offset)
-        consumer = self._consumer_of(tp[0])
-        consumer.pause([part])
-        consumer.seek(part)
-        self.paused[tp] = until
-        if reason:
-            log.warning("%s: paused %s[%d] at %d: %s", self.plugin.name, tp[0], tp[1], offset, reason)
-        if self.metrics:
-            self.metrics.paused.set(len(self.paused))
-
-    def _resume_due(self) -> None:
-        now = time.monotonic()
-        due = [tp for tp, until in self.paused.items() if until <= now]
-        if not due:
-            return
-        for tp in due:
-            del self.paused[tp]
-            self._consumer_of(tp[0]).resume([TopicPartition(*tp)])
-        if self.metrics:
-            self.metrics.paused.set(len(self.paused))
-
-    def _rewind(self, first: dict[tuple[str, int], int]) -> None:
-        """A delivery or the batch scope failed: store nothing, re-handle the batch after a growing pause."""
-        if self._scope_error:
-            reason = f"its around_batch scope failed ({self._scope_error})"
-        else:
-            reason = f"{self._delivery_errors} produced message(s) were not acknowledged"
-        log.warning("%s: %s; re-handling the batch in %.1f s", self.plugin.name, reason, self._rewind_backoff or 0.5)
-        self._delivery_errors = 0
-        self._scope_error = None
-        self._rewind_backoff = min(max(self._rewind_backoff * 2, 0.5), _MAX_REWIND_BACKOFF)
-        until = time.monotonic() + self._rewind_backoff
-        for tp, offset in first.items():
-            self._pause(tp, offset, until, None)
-
-    def _store(self, last: dict[tuple[str, int], int]) -> None:
-        main = [TopicPartition(t, p, o + 1) for (t, p), o in last.items() if t in self.routes]
-        retries = [TopicPartition(t, p, o + 1) for (t, p), o in last.items() if t not in self.routes]
-        for consumer, offsets in ((self.consumer, main), (self.retry_consumer, retries)):
-            if not offsets:
-                continue
-            try:
-                consumer.store_offsets(offsets=offsets)
-            except KafkaException as exc:
-                # A partition revoked meanwhile: its next owner re-handles from the committed offset.
-                log.info("%s: could not store offsets: %s", self.plugin.name, exc.args[0].str())
 
     def _publish_counts(self, batch: int) -> None:
         metrics = self.metrics
@@ -479,32 +423,6 @@ class PluginRunner:
             metrics.produced(topic).inc(count)
         self._produced.clear()
 
-    # --- producing -------------------------------------------------------------------
-
-    def _make_send(self) -> Callable[[str, bytes | None, bytes | None, list[tuple[str, bytes]]], None]:
-        produce = self.producer.produce
-        poll = self.producer.poll
-        produced = self._produced
-        on_delivery = self._on_delivery
-
-        def send(topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
-            while True:
-                try:
-                    produce(topic, value, key, headers=headers or None, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    # The local queue is full: serve delivery reports until there is room.
-                    poll(0.1)
-            produced[topic] += 1
-
-        return send
-
-    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self._delivery_errors += 1
-            if self._delivery_errors == 1:
-                log.warning("%s: delivery to %s failed: %s", self.plugin.name, msg.topic(), err.str())
-
 
 class Worker:
     """Runs plugins until :meth:`stop`: start-up, the loop, and a clean shutdown.
@@ -514,15 +432,17 @@ class Worker:
     :param host: the plugin host, for observer hooks.
     :param transport: the broker; by default chosen from ``settings.bootstrap_servers``.
     :param metrics: where to count; ``None`` turns metrics off.
+    :param clock: the clocks of pauses and retry due times (tests pass a manual one).
     """
 
     def __init__(
         self,
-        plugins: list[Plugin],
+        plugins: list[Plugin[Any]],
         settings: Settings,
         host: PluginHost,
         transport: Transport | None = None,
         metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if settings.group_id and len(plugins) > 1:
             raise PluginError("--group-id names one group; it cannot be shared by several plugins")
@@ -531,17 +451,23 @@ class Worker:
         self.host = host
         self.transport = transport or transport_for(settings.bootstrap_servers)
         self.metrics = metrics
+        self.clock = clock
         self.runners: list[PluginRunner] = []
         self.last_beat = time.monotonic()
         self.broker_reached = False
         self._running = False
         self._stopped = False
+        self._started: list[tuple[Plugin[Any], Any]] = []
         self._topics: dict[str, int] = {}
         self._admin: Any = None
         self._producer: Any = None
 
     @property
-    def ready(self) -> tuple[bool, str]:
+    def ready(self) -> bool:
+        """Whether the worker reached the broker and joined every group (see :meth:`readiness`)."""
+        return self.readiness()[0]
+
+    def readiness(self) -> tuple[bool, str]:
         """Whether the worker reached the broker and joined every group, and if not, why."""
         if not self.broker_reached:
             return False, "broker not reached yet"
@@ -562,23 +488,33 @@ class Worker:
         self._running = False
 
     def run(self, broker_wait: float = 30.0) -> None:
-        """Start, loop until :meth:`stop`, then flush, commit and leave the groups."""
-        self.start(broker_wait)
+        """Start, loop until :meth:`stop`, then flush, commit, leave the groups and stop the plugins."""
         try:
+            self.start(broker_wait)
             while self._running:
                 self.run_once()
         finally:
             self.close()
 
     def start(self, broker_wait: float = 30.0) -> None:
-        """Reach the broker, start the plugins, subscribe; call :meth:`run_once` next."""
+        """Reach the broker, start the plugins, subscribe; call :meth:`run_once` next.
+
+        A plugin whose start-up fails raises :class:`PluginError` naming it; :meth:`close`
+        then stops the plugins that did start.
+        """
         self._running = True
         self._wait_for_broker(broker_wait)
         self._producer = shared_producer(self.settings, self.transport)
+        if self.metrics is not None:
+            self.host.on_observer_error = self.metrics.observer_failed
         data_root = Path(self.settings.data_dir)
         for plugin in self.plugins:
             env = PluginEnv(plugin.name, self.settings.plugin_config(plugin.name), data_root / plugin.name)
-            state = plugin.start(env)
+            try:
+                state = plugin.start(env)
+            except Exception as exc:
+                raise PluginError(f"plugin {plugin.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
+            self._started.append((plugin, state))
             plugin_metrics = None
             if self.metrics is not None:
                 plugin_metrics = self.metrics.for_plugin(plugin.name)
@@ -586,7 +522,14 @@ class Worker:
                     plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
             runner = PluginRunner(
-                plugin, self.settings, self.host, self._producer, self.transport, plugin_metrics, state=state
+                plugin,
+                self.settings,
+                self.host,
+                self._producer,
+                self.transport,
+                plugin_metrics,
+                state=state,
+                clock=self.clock,
             )
             self.runners.append(runner)
         self._ensure_internal_topics()
@@ -609,21 +552,26 @@ class Worker:
             self.last_beat = time.monotonic()
 
     def close(self) -> None:
-        """Flush, commit, leave the groups and stop the plugins (idempotent)."""
-        if self._stopped or not self.runners:
+        """Flush, commit, leave the groups and stop the plugins that started (idempotent)."""
+        if self._stopped:
             return
         self._stopped = True
-        log.info("worker stopping: flushing and committing")
-        self.host.worker_stopping(self)
-        self.flush()
-        for runner in self.runners:
-            runner.close()
-        for runner in self.runners:
-            runner.plugin.stop(runner.state)
-        log.info("worker stopped")
+        if self.runners:
+            log.info("worker stopping: flushing and committing")
+            self.host.worker_stopping(self)
+            self.flush()
+            for runner in self.runners:
+                runner.close()
+        for plugin, state in reversed(self._started):
+            try:
+                plugin.stop(state)
+            except Exception:
+                log.exception("%s: on_stop failed", plugin.name)
+        if self.runners:
+            log.info("worker stopped")
 
     def _wait_for_broker(self, wait: float) -> None:
-        admin = self.transport.admin({**self.settings.kafka, "bootstrap.servers": self.settings.bootstrap_servers})
+        admin = self.transport.admin(admin_config(self.settings))
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -637,15 +585,21 @@ class Worker:
         self.broker_reached = True
 
     def _ensure_internal_topics(self) -> None:
-        """Create missing retry and dead-letter topics, sized like the plugin's largest topic."""
+        """Create missing retry and dead-letter topics, sized like the plugin's largest source
+        topic, or like ``topics create`` sizes topics by default when no source exists yet."""
         wanted = []
         for runner in self.runners:
-            sizes = [self._topics.get(t, 1) for t in runner.routes]
-            partitions = max(sizes or [1])
-            for topic in [*runner.retry_topics, runner.dlq]:
-                if topic not in self._topics:
-                    # -1: the broker's default replication factor.
-                    wanted.append((topic, partitions, -1))
+            sizes = [self._topics[t] for t in runner.routes if t in self._topics]
+            partitions = max(sizes, default=DEFAULT_PARTITIONS)
+            new = [t for t in [*runner.retry_topics, runner.dlq] if t not in self._topics]
+            # -1: the broker's default replication factor.
+            wanted += [(topic, partitions, -1) for topic in new]
+            if new and not sizes:
+                log.warning(
+                    "%s: no source topic exists yet to size %s by: creating them with %d partitions;"
+                    " `kafkaworkers topics create --partitions N` flags any that differ from N",
+                    runner.plugin.name, ", ".join(new), partitions,
+                )  # fmt: skip
             missing = [t for t in [*runner.routes, *runner.plugin.produced] if t not in self._topics]
             if missing:
                 log.warning(
@@ -659,22 +613,6 @@ class Worker:
 _DEAD: Any = object()  # a retry message that was dead-lettered at once: done, like a handled one
 
 
-def _number(raw: bytes | None) -> int:
-    """A non-negative integer header (attempt, due time); 0 when absent or not a sane number."""
-    return int(raw) if raw and raw.isdigit() and len(raw) <= 18 else 0
-
 
 def _fmt(partitions: list[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
-
-
-def _extra(plugin: Plugin, tp: tuple[str, int], msg: Message) -> dict[str, Any]:
-    headers = parse_headers(msg.headers())
-    correlation = headers.get("kw-correlation-id")
-    return {
-        "plugin": plugin.name,
-        "topic": tp[0],
-        "partition": tp[1],
-        "offset": msg.offset(),
-        "correlation_id": correlation.decode("utf-8", "replace") if correlation else None,
-    }

@@ -124,7 +124,7 @@ def test_livez_turns_503_while_the_loop_is_wedged_and_200_again_after(tmp_path: 
         0,
         harness.metrics.registry,
         live=lambda: worker.alive(LIVENESS_TIMEOUT),
-        ready=lambda: worker.ready,
+        ready=worker.readiness,
     ).start()
     base = f"http://127.0.0.1:{probe.port}"
     stop = threading.Event()
@@ -176,7 +176,7 @@ def test_readyz_is_503_until_the_worker_reached_the_broker_and_joined(tmp_path: 
     settings = Settings(bootstrap_servers="memory://probes", data_dir=str(tmp_path))
     worker = Worker([wedge.plugin], settings, host, transport=MemoryTransport(broker), metrics=Metrics())
     probe = ProbeServer(
-        "127.0.0.1", 0, worker.metrics.registry, live=lambda: (True, "alive"), ready=lambda: worker.ready
+        "127.0.0.1", 0, worker.metrics.registry, live=lambda: (True, "alive"), ready=worker.readiness
     )
     probe.start()
     readyz = f"http://127.0.0.1:{probe.port}/readyz"

@@ -62,7 +62,7 @@ def test_retry_and_dead_letter_topics_are_named_after_the_group() -> None:
 def test_retry_with_a_delay_is_retried_after_exactly_that_delay_without_jitter() -> None:
     policy = RetryPolicy(delays=(1.0, 10.0), jitter=0.5)
     decision = policy.decide(Retry("rate limited", delay=2.5), attempt=1)
-    assert (decision.action, decision.delay, decision.level) == ("retry", 2.5, 1)
+    assert (decision.action, decision.delay) == ("retry", 2.5)
 
 
 def test_retry_without_a_delay_uses_the_policy_delay_of_its_attempt() -> None:

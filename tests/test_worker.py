@@ -9,15 +9,18 @@ the real loop step by step; the plugins are small ones defined here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
 import pytest
 from confluent_kafka import OFFSET_INVALID, TopicPartition
 
-from kafkaworkers import Context, PermanentError, Plugin, RetryPolicy
+from kafkaworkers import Context, PermanentError, Plugin, PluginEnv, PluginError, Retry, RetryPolicy, hookimpl
 from kafkaworkers.breaker import CLOSED
+from kafkaworkers.clock import ManualClock
+from kafkaworkers.config import Settings
 from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
@@ -30,7 +33,9 @@ from kafkaworkers.headers import (
     H_ORIGINAL_TIMESTAMP,
     H_ORIGINAL_TOPIC,
     H_PLUGIN,
+    H_TRUNCATED,
 )
+from kafkaworkers.plugins import PluginHost
 from kafkaworkers.retry import MAX_ERROR_TEXT
 from kafkaworkers.testing import Harness
 from kafkaworkers.worker import Worker
@@ -462,3 +467,236 @@ def test_offsets_are_stored_only_after_the_handler_returned_and_its_output_was_a
     assert calls == [0, 1, 2, 0, 1, 2, 3, 4], "the uncommitted batch is handled again after the restart"
     assert sorted(p.n for p in harness.values("out", Ping)) == [0, 0, 1, 1, 2, 2, 3, 4]
     assert committed(harness, "ordered", "in") == 5
+
+
+# --- observers never change delivery ------------------------------------------------------
+
+
+class FaultyObserver:
+    """An installed observer whose every per-message and per-batch hook raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def kafkaworkers_batch_received(self, plugin: Plugin, messages: list[Any]) -> None:
+        self.calls.append("batch_received")
+        raise RuntimeError("observer bug in batch_received")
+
+    @hookimpl
+    def kafkaworkers_message_handled(self, plugin: Plugin, message: Any, value: Any) -> None:
+        self.calls.append("message_handled")
+        raise RuntimeError("observer bug in message_handled")
+
+    @hookimpl
+    def kafkaworkers_message_failed(self, plugin: Plugin, message: Any, error: BaseException, outcome: str) -> None:
+        self.calls.append("message_failed")
+        raise RuntimeError("observer bug in message_failed")
+
+
+def test_a_raising_observer_neither_retries_a_handled_message_nor_stops_the_loop_and_is_counted(
+    kafkaworkers_harness: MakeHarness, tmp_path: Any
+) -> None:
+    plugin, calls = echo()
+    scope_log: list[str] = []
+
+    @plugin.around_batch
+    def batch(state: object) -> Any:
+        return _logged(scope_log)
+
+    observer = FaultyObserver()
+    harness = kafkaworkers_harness(plugin, observer, partitions=1)
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(2))
+    harness.run_until_idle()
+
+    assert calls == [1, 2], "each handler ran once"
+    assert harness.values("out", Ping) == [Ping(1), Ping(2)], "each output produced once"
+    assert harness.records("echo-retry-1") == [] and harness.records("echo-dlq") == []
+    assert committed(harness, "echo", "in") == 2, "the batch was stored, not rewound"
+    assert scope_log == ["begin", "commit"], "the batch scope committed once"
+    assert set(observer.calls) == {"batch_received", "message_handled"}
+    counted = {
+        sample.labels["hook"]: sample.value
+        for metric in harness.metrics.registry.collect()
+        if metric.name == "kafkaworkers_observer_errors"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert counted == {"kafkaworkers_batch_received": 1, "kafkaworkers_message_handled": 2}
+
+
+@contextmanager
+def _logged(log: list[str]) -> Iterator[None]:
+    log.append("begin")
+    yield
+    log.append("commit")
+
+
+def test_a_raising_message_failed_observer_leaves_the_failure_routed_once(kafkaworkers_harness: MakeHarness) -> None:
+    plugin, calls = echo(fail_with=PermanentError("bad order"))
+    observer = FaultyObserver()
+    harness = kafkaworkers_harness(plugin, observer, partitions=1)
+    harness.produce("in", Ping(1))
+    harness.run_until_idle()
+
+    assert calls == [1]
+    assert len(harness.records("echo-dlq")) == 1
+    assert committed(harness, "echo", "in") == 1
+    assert "message_failed" in observer.calls
+
+
+# --- retry delays, retry modes and sizes ---------------------------------------------------
+
+
+def test_a_short_requested_retry_is_not_held_behind_a_longer_one(kafkaworkers_harness: MakeHarness) -> None:
+    clock = ManualClock()
+    plugin = Plugin("asks", produces={"out": Ping}, retry=RetryPolicy(delays=(0.1, 5.0, 60.0), jitter=0.0))
+    handled: list[tuple[int, int]] = []
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        if ctx.attempt == 1:
+            raise Retry("rate limited", delay=2.0 if ping.n == 1 else 0.05)
+        handled.append((ping.n, ctx.attempt))
+        ctx.produce("out", ping)
+
+    harness = kafkaworkers_harness(plugin, partitions=1, clock=clock)
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(2))
+    harness.run_until_idle()
+    assert [len(harness.records(f"asks-retry-{level}")) for level in (1, 2, 3)] == [1, 1, 0]
+
+    clock.advance(0.06)
+    harness.run_until_idle()
+    assert handled == [(2, 2)], "the 0.05 s retry waited behind the 2 s one"
+    clock.advance(2.0)
+    harness.run_until_idle()
+    assert handled == [(2, 2), (1, 2)]
+
+
+def test_a_requested_delay_beyond_the_longest_retry_waits_the_longest_one(kafkaworkers_harness: MakeHarness) -> None:
+    decision = RetryPolicy(delays=(1.0, 10.0), jitter=0.0).decide(Retry(delay=600.0), attempt=1)
+    assert (decision.action, decision.delay, decision.level) == ("retry", 10.0, 2)
+
+
+def test_retry_mode_pause_handles_the_same_message_again_in_place_keeping_order_then_dead_letters(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    clock = ManualClock()
+    plugin = Plugin("inplace", produces={"out": Ping}, retry=RetryPolicy(delays=(1.0, 1.0), jitter=0.0, mode="pause"))
+    handled: list[tuple[int, int]] = []
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        handled.append((ping.n, ctx.attempt))
+        if (ping.n == 1 and ctx.attempt < 3) or ping.n == 3:
+            raise ConnectionError("gateway down")
+        ctx.produce("out", ping)
+
+    harness = kafkaworkers_harness(plugin, partitions=1, clock=clock)
+    for n in (1, 2, 3, 4):
+        harness.produce("in", Ping(n), key="same-order")
+    harness.run_until_idle()
+    assert handled == [(1, 1)], "nothing overtakes a message retried in place"
+    assert harness.worker.runners[0].paused and committed(harness, "inplace", "in") == OFFSET_INVALID
+    assert harness.broker.list_topics().get("inplace-retry-1") is None, "pause mode has no retry topics"
+
+    clock.advance(1.0)
+    harness.run_until_idle()
+    assert handled == [(1, 1), (1, 2)]
+    clock.advance(1.0)
+    harness.run_until_idle()
+    assert handled == [(1, 1), (1, 2), (1, 3), (2, 1), (3, 1)]
+    clock.advance(1.0)
+    harness.run_until_idle()
+    clock.advance(1.0)
+    harness.run_until_idle()
+    assert handled[5:] == [(3, 2), (3, 3), (4, 1)]
+    assert harness.values("out", Ping) == [Ping(1), Ping(2), Ping(4)]
+    [letter] = harness.records("inplace-dlq")
+    assert headers(letter)[H_ATTEMPT] == b"3" and headers(letter)[H_ORIGINAL_OFFSET] == b"2"
+    assert committed(harness, "inplace", "in") == 4
+
+
+def test_a_retry_too_large_for_the_producer_is_dead_lettered_cut_with_the_reason_not_a_crash(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin, calls = echo(fail_with=ConnectionError("down"))
+    harness = kafkaworkers_harness(plugin, partitions=1, producer={"message.max.bytes": 20_000})
+    big = Ping(1)
+    produce_raw(harness, "in", msgspec.json.encode(big)[:-1] + b" " * 50_000 + b"}")
+    harness.run_until_idle()
+
+    assert calls == [1]
+    assert harness.records("echo-retry-1") == []
+    [letter] = harness.records("echo-dlq")
+    assert headers(letter)[H_EXCEPTION] == b"kafkaworkers.errors.MessageTooLarge"
+    assert b"ConnectionError: down" in headers(letter)[H_MESSAGE]
+    assert len(letter.value()) < 20_000 and int(headers(letter)[H_TRUNCATED]) > 50_000
+    assert committed(harness, "echo", "in") == 1
+
+
+def test_an_output_too_large_for_the_producer_dead_letters_the_message_that_produced_it(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("bloat", produces={"out": Blob}, retry=RetryPolicy(delays=(0.05,), jitter=0.0))
+    calls: list[int] = []
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        calls.append(ping.n)
+        ctx.produce("out", Blob("x" * (30_000 if ping.n == 1 else 10)))
+
+    harness = kafkaworkers_harness(plugin, partitions=1, producer={"message.max.bytes": 20_000})
+    harness.produce("in", Ping(1))
+    harness.produce("in", Ping(2))
+    harness.run_until_idle()
+
+    assert calls == [1, 2], "too large is permanent: no retry"
+    [letter] = harness.records("bloat-dlq")
+    assert headers(letter)[H_EXCEPTION] == b"kafkaworkers.errors.MessageTooLarge"
+    assert harness.values("out", Blob) == [Blob("x" * 10)]
+    assert committed(harness, "bloat", "in") == 2
+
+
+class Blob(msgspec.Struct, frozen=True):
+    text: str
+
+
+# --- start-up and readiness ----------------------------------------------------------------
+
+
+def test_ready_is_false_until_the_worker_joined_and_readiness_says_why(tmp_path: Any) -> None:
+    plugin, _ = echo()
+    host = PluginHost()
+    host.register(plugin, plugin.name)
+    worker = Worker([plugin], Settings(bootstrap_servers="memory://ready-test", data_dir=str(tmp_path)), host)
+    assert not worker.ready
+    assert worker.readiness() == (False, "broker not reached yet")
+
+
+def test_a_plugin_failing_to_start_is_named_and_the_plugins_started_before_it_are_stopped(tmp_path: Any) -> None:
+    stopped: list[str] = []
+    first: Plugin[str] = Plugin("first")
+    second: Plugin[str] = Plugin("second")
+
+    @first.on_start
+    def start_first(env: PluginEnv) -> str:
+        return "first-state"
+
+    @first.on_stop
+    def stop_first(state: str) -> None:
+        stopped.append(state)
+
+    @second.on_start
+    def start_second(env: PluginEnv) -> str:
+        raise OSError("cannot open the database")
+
+    host = PluginHost()
+    for plugin in (first, second):
+        host.register(plugin, plugin.name)
+    worker = Worker([first, second], Settings(bootstrap_servers="memory://start-fail", data_dir=str(tmp_path)), host)
+    with pytest.raises(PluginError, match="plugin 'second' failed to start: OSError: cannot open the database"):
+        worker.run(broker_wait=0)
+    assert stopped == ["first-state"]

@@ -1,0 +1,353 @@
+"""The per-batch bookkeeping: what a batch handled, produced and may store, and where partitions stand.
+
+A :class:`Batch` lives from one fetch to its stored offsets, as Quix Streams' checkpoint does:
+
+1. the loop marks each message ``handled`` (its offset may be stored), ``failed`` (routed to
+   a retry or dead-letter topic, which is handled too) or ``blocked`` (its partition paused:
+   a retry not yet due, an open breaker; nothing from it on is stored);
+2. what handlers and the failure router produce goes through :meth:`Batch.output` and
+   :meth:`Batch.write`: straight to the producer, or held until the plugin's batch scope
+   committed; a failed message's held outputs are dropped with its savepoint;
+3. :meth:`Batch.finish` flushes the producer, then judges every refusal the producer or
+   the broker reported: a fatal producer stops the worker; a message too large for the
+   broker dead-letters the message that produced it; anything else (an outage) stores
+   nothing and rewinds the batch's partitions. Only a batch with nothing refused stores its
+   offsets.
+
+:class:`Partitions` is one plugin's view of its assigned partitions: flowing, or paused for a
+reason it knows and logs, until a time it knows; it pauses, resumes, rewinds and stores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from kafkaworkers.clock import Clock
+from kafkaworkers.errors import MessageTooLarge, ProducerFatal
+from kafkaworkers.producer import produce
+from kafkaworkers.retry import DLQ, OUTPUT, FailureRouter
+from kafkaworkers.transports import Consumer, Message, Producer
+
+__all__ = ["BREAKER_OPEN", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions"]
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+Held = tuple[str, "bytes | None", "bytes | None", "list[tuple[str, bytes]]", Message, str]
+
+#: Delivery errors about one message, not the broker's health: producing it again cannot help.
+_REFUSED = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+    }
+)
+_MAX_REWIND_BACKOFF = 30.0
+
+#: Why a partition is paused.
+RETRY_NOT_DUE, BREAKER_OPEN, REWIND, RETRY_IN_PLACE = "retry not due", "breaker open", "rewind", "retry in place"
+
+
+class Partitions:
+    """One plugin's assigned partitions: flowing, or paused for a known reason until a known time.
+
+    :param plugin: the plugin's name, for logs.
+    :param consumer_of: the consumer that owns a topic (main or retry).
+    :param clock: the monotonic clock pauses are measured on.
+    :param on_change: called with the number of paused partitions after every change (a gauge).
+    """
+
+    def __init__(
+        self,
+        plugin: str,
+        consumer_of: Callable[[str], Consumer],
+        clock: Clock,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.plugin = plugin
+        self.consumer_of = consumer_of
+        self.clock = clock
+        self.assigned: set[TP] = set()
+        #: paused partition -> (until, reason)
+        self.paused: dict[TP, tuple[float, str]] = {}
+        self._on_change = on_change
+        self._rewind_backoff = 0.0
+
+    def assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Newly assigned partitions flow: librdkafka keeps a partition's pause flag when the
+        same consumer gets it back (an eager rebalance), though the worker forgot why it paused."""
+        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in self.paused]
+        if fresh:
+            consumer.resume(fresh)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Revoked or lost partitions: no longer ours, nor paused by us."""
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self.assigned.discard(key)
+            self.paused.pop(key, None)
+        self._changed()
+
+    def pause(self, tp: TP, offset: int, until: float, reason: str, quiet: bool = False) -> None:
+        """Pause a partition and rewind it to ``offset``: what was prefetched is fetched again."""
+        part = TopicPartition(tp[0], tp[1], offset)
+        consumer = self.consumer_of(tp[0])
+        try:
+            consumer.pause([part])
+            consumer.seek(part)
+        except KafkaException as exc:
+            # Revoked meanwhile: its next owner starts from the committed offset.
+            log.info("%s: could not pause %s[%d]: %s", self.plugin, tp[0], tp[1], exc.args[0].str())
+            return
+        self.paused[tp] = (until, reason)
+        if not quiet:
+            wait = max(until - self.clock.monotonic(), 0.0)
+            log.warning("%s: paused %s[%d] at %d for %.1f s: %s", self.plugin, tp[0], tp[1], offset, wait, reason)
+        self._changed()
+
+    def resume_due(self) -> None:
+        """Resume every paused partition whose time has come."""
+        now = self.clock.monotonic()
+        due = [tp for tp, (until, _) in self.paused.items() if until <= now]
+        if not due:
+            return
+        for tp in due:
+            del self.paused[tp]
+            try:
+                self.consumer_of(tp[0]).resume([TopicPartition(*tp)])
+            except KafkaException as exc:
+                log.info("%s: could not resume %s[%d]: %s", self.plugin, tp[0], tp[1], exc.args[0].str())
+        self._changed()
+
+    def rewind(self, first: dict[TP, int], reason: str) -> None:
+        """Store nothing of a batch and handle it again after a pause that grows while it keeps failing."""
+        self._rewind_backoff = min(max(self._rewind_backoff * 2, 0.5), _MAX_REWIND_BACKOFF)
+        log.warning("%s: %s; handling the batch again in %.1f s", self.plugin, reason, self._rewind_backoff)
+        until = self.clock.monotonic() + self._rewind_backoff
+        for tp, offset in first.items():
+            self.pause(tp, offset, until, f"{REWIND}: {reason}", quiet=True)
+
+    def store(self, last: dict[TP, int]) -> None:
+        """Store each partition's next offset; librdkafka commits stored offsets in the background."""
+        self._rewind_backoff = 0.0
+        by_consumer: dict[int, tuple[Consumer, list[TopicPartition]]] = {}
+        for (topic, partition), offset in last.items():
+            consumer = self.consumer_of(topic)
+            by_consumer.setdefault(id(consumer), (consumer, []))[1].append(TopicPartition(topic, partition, offset + 1))
+        for consumer, offsets in by_consumer.values():
+            try:
+                consumer.store_offsets(offsets=offsets)
+            except KafkaException as exc:
+                # A partition revoked meanwhile: its next owner re-handles from the committed offset.
+                log.info("%s: could not store offsets: %s", self.plugin, exc.args[0].str())
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(len(self.paused))
+
+
+class _Report:
+    """The delivery callback of one produced message: which consumed message it came from."""
+
+    __slots__ = ("batch", "kind", "source")
+
+    def __init__(self, batch: Batch, source: Message, kind: str) -> None:
+        self.batch = batch
+        self.source = source
+        self.kind = kind
+
+    def __call__(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self.batch.refused(self.source, self.kind, msg.topic(), err)
+
+
+class Batch:
+    """One batch from fetch to stored offsets (see the module docstring).
+
+    :param plugin: the plugin's name, for logs.
+    :param producer: where outputs, retries and dead letters go.
+    :param router: dead-letters a message whose output the broker refused.
+    :param partitions: where offsets are stored, or partitions rewound.
+    :param produced: per-topic counts of produced messages, for the metrics.
+    :param held: hold what is produced until :meth:`release` (inside a batch scope).
+    """
+
+    __slots__ = (
+        "blocked",
+        "fatal",
+        "first",
+        "held",
+        "last",
+        "partitions",
+        "plugin",
+        "produced",
+        "producer",
+        "refusals",
+        "router",
+        "scope_error",
+        "source",
+    )
+
+    def __init__(
+        self,
+        plugin: str,
+        producer: Producer,
+        router: FailureRouter,
+        partitions: Partitions,
+        produced: defaultdict[str, int],
+        held: bool = False,
+    ) -> None:
+        self.plugin = plugin
+        self.producer = producer
+        self.router = router
+        self.partitions = partitions
+        self.produced = produced
+        #: first and last handled offset per partition
+        self.first: dict[TP, int] = {}
+        self.last: dict[TP, int] = {}
+        #: partitions paused during the batch: nothing of theirs from then on counts
+        self.blocked: set[TP] = set()
+        self.held: list[Held] | None = [] if held else None
+        #: the message being handled, whose outputs are being produced
+        self.source: Any = None
+        self.refusals: list[tuple[Message, str, str, KafkaError]] = []
+        self.fatal: KafkaError | None = None
+        self.scope_error: str | None = None
+
+    # --- producing -------------------------------------------------------------------
+
+    def output(self, topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        """A handler's ``ctx.produce``: sent now, or held until the batch scope committed.
+
+        A value over the producer's size limit raises :class:`MessageTooLarge` here, in the
+        handler, so its message is dead-lettered with the reason instead of failing the batch.
+        """
+        if value is not None and len(value) > self.router.max_bytes:
+            raise MessageTooLarge(
+                f"a message of {len(value)} bytes to {topic!r} is over the producer's message.max.bytes"
+                f" ({self.router.max_bytes} bytes for the value)"
+            )
+        if self.held is not None:
+            self.held.append((topic, value, key, headers, self.source, OUTPUT))
+            return
+        try:
+            produce(self.producer, topic, value, key, headers, _Report(self, self.source, OUTPUT))
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.fatal():
+                self.fatal = err
+            if err.code() in _REFUSED:
+                raise MessageTooLarge(f"the producer refused a message to {topic!r}: {err.str()}") from None
+            raise
+        self.produced[topic] += 1
+
+    def write(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]], kind: str
+    ) -> None:
+        """The framework's own copy of :attr:`source` (a retry or a dead letter): held like outputs."""
+        if self.held is not None:
+            self.held.append((topic, value, key, headers, self.source, kind))
+        else:
+            self._send(topic, value, key, headers, self.source, kind)
+
+    def mark(self) -> int:
+        """Where the held outputs stand before a message is handled."""
+        return len(self.held) if self.held is not None else 0
+
+    def drop(self, mark: int) -> None:
+        """Forget what a failed message produced, as its savepoint forgets what it wrote."""
+        if self.held is not None:
+            del self.held[mark:]
+
+    def release(self) -> None:
+        """The batch scope committed: produce what it held."""
+        held, self.held = self.held or [], None
+        for topic, value, key, headers, source, kind in held:
+            self._send(topic, value, key, headers, source, kind)
+
+    def discard(self) -> None:
+        """The batch scope failed: nothing it held is produced."""
+        self.held = None
+
+    def _send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+        source: Message,
+        kind: str,
+    ) -> None:
+        try:
+            produce(self.producer, topic, value, key, headers, _Report(self, source, kind))
+        except KafkaException as exc:
+            self.refused(source, kind, topic, exc.args[0])
+            return
+        self.produced[topic] += 1
+
+    def refused(self, source: Message, kind: str, topic: str, err: KafkaError) -> None:
+        """The producer or the broker refused a message: judged in :meth:`finish`."""
+        if err.fatal():
+            self.fatal = err
+        self.refusals.append((source, kind, topic, err))
+
+    # --- the end ---------------------------------------------------------------------
+
+    def finish(self, flush: Callable[[], None]) -> None:
+        """Flush, then store the batch's offsets, or dead-letter what the broker refused, or rewind.
+
+        :raises ProducerFatal: the producer cannot produce again; nothing is stored.
+        """
+        flush()
+        if self.fatal is not None:
+            raise ProducerFatal(
+                f"{self.plugin}: the producer failed fatally ({self.fatal.str()}); stopping without storing"
+                " the batch's offsets, so a restarted worker handles it again"
+            )
+        if self.scope_error is not None:
+            self.partitions.rewind(self.first, f"its around_batch scope failed ({self.scope_error})")
+            return
+        if self.refusals:
+            self._judge_refusals(flush)
+            return
+        if self.last:
+            self.partitions.store(self.last)
+
+    def _judge_refusals(self, flush: Callable[[], None]) -> None:
+        """Dead-letter each message whose output or copy the broker refused for itself; any other
+        refusal (an outage, a timeout) means the batch is handled again."""
+        refusals, self.refusals = self.refusals, []
+        transient = [r for r in refusals if r[3].code() not in _REFUSED]
+        if transient:
+            _, _, topic, err = transient[0]
+            reason = f"{len(transient)} produced message(s) were not acknowledged ({topic}: {err.str()})"
+            self.partitions.rewind(self.first, reason)
+            return
+        seen: set[int] = set()
+        for source, kind, topic, err in refusals:
+            if id(source) in seen:
+                continue
+            seen.add(id(source))
+            error = MessageTooLarge(f"the broker refused a message to {topic!r} ({kind}): {err.str()}")
+            original = source.topic()
+            # A dead letter that was itself refused is sent again with no value: its headers
+            # still say where the original bytes are.
+            self.source = source
+            self.router.dead_letter(source, original, error, self.write, keep=0 if kind == DLQ else None)
+        flush()
+        if self.refusals:
+            _, _, topic, err = self.refusals[0]
+            self.partitions.rewind(self.first, f"dead letters were not acknowledged ({topic}: {err.str()})")
+            return
+        if self.last:
+            self.partitions.store(self.last)
+
