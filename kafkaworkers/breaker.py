@@ -5,8 +5,11 @@ When at least ``min_calls`` are in the window and the failure rate reaches
 ``failure_rate``, it opens: calls raise :class:`~kafkaworkers.errors.CircuitOpenError` for
 ``wait`` seconds. Then it is half-open: up to ``probes`` calls go through; if they all
 succeed it closes, one failure opens it again. With a ``timeout``, every call runs on a
-helper thread so a hung dependency counts as a failure instead of wedging the worker; with
-``timeout=None`` calls run on the caller's thread, for a callee that bounds its own time (an
+helper thread so a hung dependency counts as a failure instead of wedging the worker. Python
+cannot stop a thread, so a call that timed out is abandoned and runs on; at most
+``max_abandoned`` of them per breaker, after which calls fail at once (as failures) until one
+returns, instead of piling up threads on a dependency that hangs. With ``timeout=None`` calls
+run on the caller's thread, for a callee that bounds its own time (an
 HTTP client with a socket timeout) and is called often: the hand-off to a thread costs
 ~100 µs per call, and milliseconds on a busy machine. The worker reacts to
 ``CircuitOpenError`` by pausing the partition, never by retrying or dead-lettering.
@@ -18,13 +21,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from kafkaworkers.errors import CircuitOpenError
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CallTimeout", "CircuitBreaker"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "CallTimeout", "CircuitBreaker", "TooManyAbandonedCalls"]
 
 T = TypeVar("T")
 
@@ -35,6 +38,10 @@ STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 
 class CallTimeout(TimeoutError):
     """A call guarded by a breaker did not finish within the breaker's timeout."""
+
+
+class TooManyAbandonedCalls(CallTimeout):
+    """A call was not started: the breaker's ``max_abandoned`` timed-out calls are all still running."""
 
 
 class CircuitBreaker:
@@ -50,6 +57,9 @@ class CircuitBreaker:
         calls on the caller's thread, without a timeout of the breaker's own.
     :param ignore: exception types that are business outcomes, not failures: they are
         re-raised but leave the breaker's statistics alone.
+    :param max_abandoned: timed-out calls that may still be running on their threads; with
+        that many, a call fails at once with :class:`TooManyAbandonedCalls` (a failure)
+        without starting a thread.
     """
 
     def __init__(
@@ -63,9 +73,10 @@ class CircuitBreaker:
         probes: int = 3,
         timeout: float | None = 10.0,
         ignore: tuple[type[BaseException], ...] = (),
+        max_abandoned: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not 0 < failure_rate <= 1 or window < 1 or not 1 <= min_calls <= window or probes < 1:
+        if not 0 < failure_rate <= 1 or window < 1 or not 1 <= min_calls <= window or probes < 1 or max_abandoned < 1:
             raise ValueError(f"breaker {name!r}: bad thresholds")
         self.name = name
         self.failure_rate = failure_rate
@@ -74,6 +85,7 @@ class CircuitBreaker:
         self.probes = probes
         self.timeout = timeout
         self.ignore = ignore
+        self.max_abandoned = max_abandoned
         self._clock = clock
         self._lock = threading.Lock()
         self._outcomes: deque[bool] = deque(maxlen=window)
@@ -82,6 +94,7 @@ class CircuitBreaker:
         self._probes_started = 0
         self._probes_ok = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._abandoned = 0
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name} {self.state}>"
@@ -91,6 +104,12 @@ class CircuitBreaker:
         """``closed``, ``half_open`` or ``open``, as of now."""
         with self._lock:
             return self._current_state()
+
+    @property
+    def abandoned(self) -> int:
+        """Calls that timed out and are still running on their threads."""
+        with self._lock:
+            return self._abandoned
 
     def retry_at(self) -> float:
         """The clock value from which a call may be let through again."""
@@ -182,11 +201,28 @@ class CircuitBreaker:
     def _run(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         if self.timeout is None:
             return fn(*args, **kwargs)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.probes + 1, thread_name_prefix=f"breaker-{self.name}")
+        with self._lock:
+            if self._abandoned >= self.max_abandoned:
+                raise TooManyAbandonedCalls(
+                    f"{self.name}: not calling: {self._abandoned} earlier calls timed out and are still running"
+                    f" (max_abandoned={self.max_abandoned}); the dependency hangs"
+                )
+            if self._pool is None:
+                # Room for the abandoned calls beside the live ones, so a live call never queues behind them.
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.max_abandoned + self.probes + 1, thread_name_prefix=f"breaker-{self.name}"
+                )
         future = self._pool.submit(fn, *args, **kwargs)
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
-            future.cancel()
+            if not future.cancel():
+                with self._lock:
+                    self._abandoned += 1
+                future.add_done_callback(self._returned)
             raise CallTimeout(f"{self.name}: call took longer than {self.timeout} s") from None
+
+    def _returned(self, future: Future[Any]) -> None:
+        """An abandoned call finished at last: it no longer holds a thread."""
+        with self._lock:
+            self._abandoned -= 1

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import pytest
 
-from kafkaworkers.breaker import CLOSED, HALF_OPEN, OPEN, CallTimeout, CircuitBreaker
+from kafkaworkers.breaker import CLOSED, HALF_OPEN, OPEN, CallTimeout, CircuitBreaker, TooManyAbandonedCalls
 from kafkaworkers.errors import CircuitOpenError
+from tests.conftest import wait_for
 
 
 class FakeClock:
@@ -244,6 +245,47 @@ def test_a_hung_call_times_out_without_blocking_the_caller_and_counts_as_a_failu
     assert "longer than 0.1 s" in str(tripped.value.__cause__)
     assert isinstance(CallTimeout("x"), TimeoutError)
     assert breaker.state == OPEN
+
+
+def breaker_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("breaker-db")}
+
+
+def test_timed_out_calls_still_running_are_bounded_and_then_calls_fail_at_once_as_failures(
+    make: Callable[..., CircuitBreaker],
+) -> None:
+    breaker = make(timeout=0.2, max_abandoned=2, window=3, min_calls=3, failure_rate=1.0)
+    release = threading.Event()
+    started: list[int] = []
+
+    def hang() -> None:
+        started.append(1)
+        release.wait(60)
+
+    try:
+        for _ in range(2):
+            with pytest.raises(CallTimeout):
+                breaker.call(hang)
+        assert breaker.abandoned == 2
+        threads = breaker_threads()
+        with pytest.raises(CircuitOpenError) as refused:
+            breaker.call(hang)
+        assert len(started) == 2, "the refused call ran anyway"
+        assert breaker_threads() == threads, "the refused call started a thread"
+        cause = refused.value.__cause__
+        assert isinstance(cause, TooManyAbandonedCalls) and isinstance(cause, CallTimeout)
+        assert "2 earlier calls timed out and are still running (max_abandoned=2)" in str(cause)
+        assert breaker.state == OPEN, "the refused call counts as the third failure of three"
+    finally:
+        release.set()
+    wait_for(lambda: breaker.abandoned == 0, 10, "the abandoned calls to return")
+    breaker.reset()
+    assert breaker.call(ok) == "ok"
+
+
+def test_max_abandoned_must_allow_one(make: Callable[..., CircuitBreaker]) -> None:
+    with pytest.raises(ValueError, match="bad thresholds"):
+        make(max_abandoned=0)
 
 
 def test_force_open_and_reset(make: Callable[..., CircuitBreaker], clock: FakeClock) -> None:
