@@ -18,11 +18,15 @@ import msgspec
 
 from kafkaworkers.errors import ConfigError
 
-__all__ = ["Settings", "load_settings", "redact"]
+__all__ = ["DEFAULT_PARTITIONS", "Settings", "admin_config", "load_settings", "redact"]
 
 ENV_PREFIX = "KAFKAWORKERS_"
 _SECRET = re.compile(r"password|secret|token|private|\.pem$|jaas|oauthbearer\.config|credentials", re.I)
 REDACTED = "***"
+#: Partitions of a topic kafkaworkers creates when nothing tells it how many:
+#: ``kafkaworkers topics create``'s default, and a plugin's retry and dead-letter topics
+#: when none of its source topics exists yet to size them by.
+DEFAULT_PARTITIONS = 3
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -64,6 +68,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def redact(config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a client configuration with every secret value replaced by ``***``."""
     return {k: REDACTED if _SECRET.search(k) else v for k, v in config.items()}
+
+
+def admin_config(settings: Settings) -> dict[str, Any]:
+    """The client configuration for admin calls: the shared ``[kafka]`` table and the servers."""
+    return {**settings.kafka, "bootstrap.servers": settings.bootstrap_servers}
 
 
 def load_settings(
