@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import sqlite3
@@ -27,6 +28,22 @@ FAST_GROUP = {
     "KAFKAWORKERS_CONSUMER_SESSION_TIMEOUT_MS": "6000",
     "KAFKAWORKERS_CONSUMER_HEARTBEAT_INTERVAL_MS": "1000",
 }
+
+
+#: The one seed every test's random generator derives from: in the report header, and
+#: replayed by setting KAFKAWORKERS_TEST_SEED to it.
+SEED = int(os.environ.get("KAFKAWORKERS_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header() -> str:
+    return f"random seed {SEED}; replay with KAFKAWORKERS_TEST_SEED={SEED}"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """This test's generator: the run's seed and the test's id, so one test replays on its own too."""
+    print(f"random seed {SEED}; replay with KAFKAWORKERS_TEST_SEED={SEED}")
+    return random.Random(f"{SEED}:{request.node.nodeid}")
 
 
 def free_port() -> int:

@@ -22,8 +22,12 @@ did not reach their expected end with their compensations, ``duplicated_effects`
 charge, refund, stock movement or customer notification, ``redelivered`` the events seen more
 than once (the same event id re-published after a kill).
 
-Message counts are multiplied by ``KAFKAWORKERS_CHAOS_SCALE`` (``make chaos`` sets 4), except
-the pipeline's 1,000 orders, which is what reserva's seed catalogue can stock. The broker
+Every scenario but the pipeline runs twice: ``short`` at the default scale, in ``make test``,
+and ``long`` (marked ``chaos``, for ``make chaos``) with its message counts multiplied by
+``KAFKAWORKERS_CHAOS_SCALE`` (default 4); the fixed outage lengths are the same in both. The
+pipeline runs once, in ``make test``: its 1,000 orders are what reserva's seed catalogue can
+stock. Kill moments and the orders come from the ``rng`` fixture: the run's seed is printed,
+and ``KAFKAWORKERS_TEST_SEED`` replays it. The broker
 outage and the pipeline run on a broker of their own (``scripts/kafka/broker.sh`` with its own
 ``KAFKA_HOME_DIR`` and ports): stopping the shared one would break other tests, and the
 pipeline's topic names are fixed.
@@ -57,7 +61,7 @@ from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port,
 
 pytestmark = pytest.mark.kafka
 
-SCALE = int(os.environ.get("KAFKAWORKERS_CHAOS_SCALE", "1"))
+LONG_SCALE = int(os.environ.get("KAFKAWORKERS_CHAOS_SCALE", "4"))
 BROKER_SH = ROOT / "scripts" / "kafka" / "broker.sh"
 CACHED_LIB = ROOT / ".cache" / "kafka" / "lib"
 #: Where this module's own clients log: librdkafka's connection errors during a broker
@@ -258,19 +262,24 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnBroker]:
         broker("down")
 
 
+@pytest.fixture(params=[pytest.param(1, id="short"), pytest.param(LONG_SCALE, id="long", marks=pytest.mark.chaos)])
+def scale(request: pytest.FixtureRequest) -> int:
+    """The multiplier of a scenario's message counts: 1 in ``make test``, the long run's in ``make chaos``."""
+    return int(request.param)
+
+
 # --- scenarios ---------------------------------------------------------------------
 
 
 def test_chaos_sigkill_x3_loses_nothing_and_the_idempotent_effect_happens_once(
-    kafka: KafkaHelper, kwtest: KwTest
+    kafka: KafkaHelper, kwtest: KwTest, rng: random.Random, scale: int
 ) -> None:
-    total = 5000 * SCALE
+    total = 5000 * scale
     kafka.create_topics(kwtest.ping, kwtest.pong)
     # Live traffic, so that the kills land in a running stream with commits between them; the
     # pace leaves messages unsent for the last kill even on a slow machine, the rest goes after it.
     producer = PacedProducer(kafka.bootstrap, kwtest.ping, rate=total / 40, limit=total)
     producer.start()
-    rng = random.Random()
     worker = kwtest.start()
     recoveries = []
     for _ in range(3):
@@ -297,8 +306,10 @@ def test_chaos_sigkill_x3_loses_nothing_and_the_idempotent_effect_happens_once(
     assert set(kwtest.handled()) == set(range(total))
 
 
-def test_chaos_sigterm_under_load_loses_nothing_and_handles_nothing_twice(kafka: KafkaHelper, kwtest: KwTest) -> None:
-    total = 5000 * SCALE
+def test_chaos_sigterm_under_load_loses_nothing_and_handles_nothing_twice(
+    kafka: KafkaHelper, kwtest: KwTest, scale: int
+) -> None:
+    total = 5000 * scale
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, pings(0, total))
     worker = kwtest.start()
@@ -319,14 +330,14 @@ def test_chaos_sigterm_under_load_loses_nothing_and_handles_nothing_twice(kafka:
 
 
 def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothing(
-    own_broker: OwnBroker, kwtest: KwTest
+    own_broker: OwnBroker, kwtest: KwTest, scale: int
 ) -> None:
     kafka = QuietKafka(own_broker.bootstrap)
     kafka.create_topics(kwtest.ping, kwtest.pong)
-    producer = PacedProducer(own_broker.bootstrap, kwtest.ping, rate=100 * SCALE)
+    producer = PacedProducer(own_broker.bootstrap, kwtest.ping, rate=100 * scale)
     producer.start()
     worker = kwtest.start(KAFKAWORKERS_BOOTSTRAP_SERVERS=own_broker.bootstrap)
-    wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) >= 200 * SCALE, 60, "committed progress", 0.2)
+    wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) >= 200 * scale, 60, "committed progress", 0.2)
 
     own_broker("stop")
     # The outage's length is the scenario: 20 s without a broker, whatever the worker does.
@@ -348,11 +359,11 @@ def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothin
 
 
 def test_chaos_transient_k_failures_retry_k_times_then_succeed_or_dead_letter_after_two(
-    kafka: KafkaHelper, kwtest: KwTest
+    kafka: KafkaHelper, kwtest: KwTest, scale: int
 ) -> None:
     """Pings failing k = 1, 2, 3 times under the policy (0.2 s, 0.4 s): k retries and success, or
     two retries and the dead-letter topic for k = 3. One worker, one range of pings per k."""
-    count = 5 * SCALE
+    count = 5 * scale
     ranges = {k: range((k - 1) * count, k * count) for k in (1, 2, 3)}
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, [p for k, r in ranges.items() for p in pings(r.start, r.stop, fail=f"retry:{k}")])
@@ -387,9 +398,9 @@ def test_chaos_transient_k_failures_retry_k_times_then_succeed_or_dead_letter_af
 
 
 def test_chaos_dependency_down_30s_opens_the_breaker_pauses_and_dead_letters_nothing(
-    kafka: KafkaHelper, kwtest: KwTest, tmp_path: Path
+    kafka: KafkaHelper, kwtest: KwTest, tmp_path: Path, scale: int
 ) -> None:
-    before_outage, during_outage = 100 * SCALE, 300 * SCALE
+    before_outage, during_outage = 100 * scale, 300 * scale
     total = before_outage + during_outage
     outage = tmp_path / "downstream-down"
     kafka.create_topics(kwtest.ping, kwtest.pong)
@@ -423,9 +434,9 @@ def test_chaos_dependency_down_30s_opens_the_breaker_pauses_and_dead_letters_not
 
 
 def test_chaos_slow_handler_beyond_max_poll_interval_rejoins_by_itself_and_loses_nothing(
-    kafka: KafkaHelper, kwtest: KwTest
+    kafka: KafkaHelper, kwtest: KwTest, scale: int
 ) -> None:
-    total, slow = 60 * SCALE, 7
+    total, slow = 60 * scale, 7
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, [*pings(0, slow), *pings(slow, slow + 1, fail="slow:8"), *pings(slow + 1, total)])
     worker = kwtest.start(KAFKAWORKERS_CONSUMER_MAX_POLL_INTERVAL_MS="6000")
@@ -490,7 +501,7 @@ class Pipeline:
 
 
 def test_chaos_pipeline_sigkill_of_pagamento_and_reserva_ends_every_order_once(
-    own_broker: OwnBroker, tmp_path: Path
+    own_broker: OwnBroker, tmp_path: Path, rng: random.Random
 ) -> None:
     from kafkaworkers_orders.reserva import CATALOGUE
     from kafkaworkers_orders.reserva.estoque import read_catalogue
@@ -514,7 +525,7 @@ def test_chaos_pipeline_sigkill_of_pagamento_and_reserva_ends_every_order_once(
         # Live orders for ~30 s, so that the kills land in a running pipeline.
         producer = Producer({"bootstrap.servers": own_broker.bootstrap, "enable.idempotence": True,
                              "linger.ms": 5, "logger": CLIENT_LOG})  # fmt: skip
-        feed = scenario.generate(orders, seed=int(time.time()))
+        feed = scenario.generate(orders, seed=rng.randrange(2**32))
         events: list[tuple[str, dict]] = []
         began, sent = time.monotonic(), 0
 
@@ -533,7 +544,6 @@ def test_chaos_pipeline_sigkill_of_pagamento_and_reserva_ends_every_order_once(
                         scenario.observe(msg.topic(), msg.key(), msg.value(), msg.timestamp()[1])
                         events.append((msg.topic(), json.loads(msg.value())))
 
-        rng = random.Random()
         recoveries = []
         store = {"reserva": ("estoque.sqlite3", "reserva"), "pagamento": ("pagamento.sqlite3", "cobranca")}
         for name in ["reserva", "pagamento"]:
