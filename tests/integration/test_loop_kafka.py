@@ -1,0 +1,139 @@
+"""The loop's hardening on the real broker, with workers in this process stepped by the test.
+
+What only librdkafka shows: the producer refusing a message over its ``message.max.bytes``
+synchronously, and a partition's pause flag surviving an eager rebalance that hands the
+partition back to the same consumer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from kafkaworkers import Context, Plugin, RetryPolicy
+from kafkaworkers.config import Settings
+from kafkaworkers.headers import H_EXCEPTION, H_TRUNCATED
+from kafkaworkers.plugins import PluginHost
+from kafkaworkers.retry import dlq_topic, retry_topic
+from kafkaworkers.worker import Worker
+from tests.conftest import KafkaHelper, wait_for
+
+pytestmark = pytest.mark.kafka
+
+
+class Ping(msgspec.Struct, frozen=True):
+    n: int
+    pad: str = ""
+
+
+class Loop:
+    """Workers of one plugin in this process, stepped together so that their groups can rebalance."""
+
+    def __init__(self, bootstrap: str, tmp_path: Path, plugin: Plugin[Any], **settings: Any) -> None:
+        self.plugin = plugin
+        self.host = PluginHost()
+        self.host.register(plugin, plugin.name)
+        self.settings = Settings(
+            bootstrap_servers=bootstrap,
+            data_dir=str(tmp_path),
+            poll_timeout=0.05,
+            consumer={"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, **settings.pop("consumer", {})},
+            **settings,
+        )
+        self.workers: list[Worker] = []
+
+    def add(self) -> Worker:
+        worker = Worker([self.plugin], self.settings, self.host)
+        worker.start(broker_wait=10)
+        self.workers.append(worker)
+        return worker
+
+    def step(self) -> None:
+        for worker in self.workers:
+            worker.run_once(timeout=0.05)
+
+    def until(self, condition: Any, timeout: float, what: str) -> None:
+        def stepped() -> object:
+            self.step()
+            return condition()
+
+        wait_for(stepped, timeout, what, interval=0)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+@pytest.fixture
+def loops(bootstrap: str, tmp_path: Path) -> Iterator[list[Loop]]:
+    made: list[Loop] = []
+    yield made
+    for loop in made:
+        loop.close()
+
+
+def test_a_retry_over_the_producers_size_limit_is_dead_lettered_cut_instead_of_crashing_the_worker(
+    kafka: KafkaHelper, bootstrap: str, tmp_path: Path, loops: list[Loop]
+) -> None:
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    source, out = f"{name}.in", f"{name}.out"
+    kafka.create_topics(source, out, partitions=1)
+    plugin = Plugin(name, produces={out: Ping}, retry=RetryPolicy(delays=(0.1,), jitter=0.0))
+    calls: list[int] = []
+
+    @plugin.consumes(source)
+    def handle(ping: Ping, ctx: Context) -> None:
+        calls.append(ping.n)
+        if ping.n == 1:
+            raise ConnectionError("downstream refused")
+        ctx.produce(out, ping)
+
+    loop = Loop(bootstrap, tmp_path, plugin, producer={"message.max.bytes": 20_000}, group_id=name)
+    loops.append(loop)
+    kafka.produce(source, [msgspec.json.encode(Ping(1, "x" * 50_000)), msgspec.json.encode(Ping(2))])
+    loop.add()
+    loop.until(lambda: kafka.committed(name, source, partitions=1) == 2, 60, "both offsets committed")
+
+    assert calls == [1, 2]
+    [letter] = kafka.read_all(dlq_topic(name), 1)
+    headers = dict(letter.headers())
+    assert headers[H_EXCEPTION] == b"kafkaworkers.errors.MessageTooLarge"
+    assert int(headers[H_TRUNCATED]) > 50_000 and len(letter.value()) < 20_000
+    assert kafka.read_all(retry_topic(name, 1), 0, timeout=1) == []
+    assert [msgspec.json.decode(m.value(), type=Ping).n for m in kafka.read_all(out, 1)] == [2]
+
+
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
+def test_a_paused_retry_partition_handed_back_by_a_rebalance_is_handled_when_due(
+    kafka: KafkaHelper, bootstrap: str, tmp_path: Path, loops: list[Loop], assignor: str
+) -> None:
+    name = f"back-{uuid.uuid4().hex[:8]}"
+    source = f"{name}.in"
+    kafka.create_topics(source, partitions=1)
+    plugin = Plugin(name, retry=RetryPolicy(delays=(2.0,), jitter=0.0))
+    attempts: list[int] = []
+
+    @plugin.consumes(source)
+    def handle(ping: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("try later")
+
+    loop = Loop(bootstrap, tmp_path, plugin, group_id=name, consumer={"partition.assignment.strategy": assignor})
+    loops.append(loop)
+    kafka.produce(source, [msgspec.json.encode(Ping(1))])
+    first = loop.add()
+    loop.until(lambda: first.runners[0].paused, 60, "the retry partition paused until its message is due")
+
+    second = loop.add()
+    loop.until(lambda: all(r.joined for r in second.runners), 60, "the second member joined")
+    loop.workers.remove(second)
+    second.close()
+    loop.until(lambda: attempts == [1, 2], 60, "the retried message handled once it was due")
+    loop.until(lambda: kafka.committed(f"{name}-retry", retry_topic(name, 1), partitions=1) == 1, 30, "commit")
+    assert first.runners[0].paused == {}
