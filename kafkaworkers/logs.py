@@ -17,9 +17,11 @@ import threading
 from datetime import UTC, datetime
 from types import TracebackType
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["LIBRDKAFKA_LOGGER", "JsonFormatter", "configure"]
 
 _CONTEXT_FIELDS = ("plugin", "topic", "partition", "offset", "correlation_id")
+#: The logger the clients hand librdkafka's own log lines to (``kafkaworkers.consumer``, ``.producer``).
+LIBRDKAFKA_LOGGER = "kafkaworkers.librdkafka"
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,8 +45,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send every log record to stderr in the chosen format."""
+def configure(level: str = "INFO", fmt: str = "text", librdkafka_debug: bool = False) -> None:
+    """Send every log record at ``level`` or above to stderr in the chosen format.
+
+    librdkafka writes debug lines only for the contexts its ``debug`` property names, and
+    logs them at DEBUG: ``librdkafka_debug`` (that property is set) shows them at any level,
+    since asking for them and then dropping them would only be a silent surprise.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -53,6 +60,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if librdkafka_debug else logging.NOTSET)
     json_mode = fmt == "json"
     logging.captureWarnings(json_mode)
     sys.excepthook = _log_uncaught if json_mode else sys.__excepthook__

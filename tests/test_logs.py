@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import confluent_kafka
 import msgspec
 import pytest
 
 from kafkaworkers import Context, PermanentError, Plugin, RetryPolicy
-from kafkaworkers.logs import JsonFormatter, configure
+from kafkaworkers.logs import LIBRDKAFKA_LOGGER, JsonFormatter, configure
 from kafkaworkers.testing import Harness
 
 
@@ -36,6 +37,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:], level, sys.excepthook, threading.excepthook = saved
     root.setLevel(level)
+    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.NOTSET)
     logging.captureWarnings(False)
 
 
@@ -115,6 +117,30 @@ def test_configure_text_is_for_people(restore_logging: None, capsys: pytest.Capt
     assert sys.excepthook is sys.__excepthook__
 
 
+def test_debug_level_shows_debug_lines_and_librdkafka_lines_only_when_asked(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure("DEBUG", "text")
+    logging.getLogger("kafkaworkers.worker").debug("a framework debug line")
+    assert "DEBUG   kafkaworkers.worker: a framework debug line" in capsys.readouterr().err
+
+    configure("WARNING", "text")
+    _librdkafka_conf_dump()
+    assert "kafkaworkers.librdkafka" not in capsys.readouterr().err
+
+    # librdkafka's debug property asks for its lines: they show at any level.
+    configure("WARNING", "text", librdkafka_debug=True)
+    _librdkafka_conf_dump()
+    err = capsys.readouterr().err
+    assert "DEBUG   kafkaworkers.librdkafka: CONF" in err and "debug = conf" in err
+
+
+def _librdkafka_conf_dump() -> None:
+    """A real librdkafka client that logs its configuration at debug level through our logger."""
+    producer = confluent_kafka.Producer({"debug": "conf", "logger": logging.getLogger(LIBRDKAFKA_LOGGER)})
+    producer.poll(0)
+
+
 class Ping(msgspec.Struct):
     n: int
 
@@ -129,7 +155,8 @@ def test_the_worker_logs_retries_and_dead_letters_with_their_message_context(tmp
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(JsonFormatter())
-    log = logging.getLogger("kafkaworkers.worker")
+    # The package logger: which module of the loop logs a retry or a dead letter is not the point.
+    log = logging.getLogger("kafkaworkers")
     log.addHandler(handler)
     level = log.level
     log.setLevel(logging.INFO)
@@ -149,7 +176,7 @@ def test_the_worker_logs_retries_and_dead_letters_with_their_message_context(tmp
     assert dead[0] == {
         "time": dead[0]["time"],
         "level": "WARNING",
-        "logger": "kafkaworkers.worker",
+        "logger": dead[0]["logger"],
         "message": dead[0]["message"],
         "plugin": "logged",
         "topic": "pings",
@@ -157,6 +184,7 @@ def test_the_worker_logs_retries_and_dead_letters_with_their_message_context(tmp
         "offset": 0,
         "correlation_id": "corr-1",
     }
+    assert dead[0]["logger"].startswith("kafkaworkers.")
     assert "PermanentError: ping 1 refused" in dead[0]["message"]
     # Ping 2 has no correlation id: the field is left out, the rest is there.
     assert retried[0]["level"] == "INFO" and retried[0]["offset"] == 1 and "correlation_id" not in retried[0]
