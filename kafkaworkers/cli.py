@@ -27,7 +27,7 @@ from kafkaworkers.clikit import (
 )
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
-from kafkaworkers.plugins import PluginHost
+from kafkaworkers.plugins import PluginHost, type_name
 from kafkaworkers.producer import create_producer
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers.transports import MEMORY_URL, transport_for
@@ -66,6 +66,8 @@ def run(
         raise click.UsageError("name plugins with --plugin NAME, or pass --all")
     settings = load_cli_settings(config_file, **overrides)
     plugins = list(host.plugins.values()) if run_all else host.select(names)
+    for broken in host.broken if run_all else []:
+        click.echo(f"kafkaworkers: warning: not running a broken plugin: {broken.error}", err=True)
     if not plugins:
         raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
     # Port 0 turns the endpoint off, and with it the metrics' cost in the loop.
@@ -108,10 +110,10 @@ def run(
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.pass_context
 def plugins(ctx: click.Context, fmt: str) -> None:
-    """List installed plugins: where each came from, what it consumes and produces."""
+    """List installed plugins: where each came from, what it consumes and produces, or why it is broken."""
     host = plugin_host(ctx)
-    rows = []
-    for name, plugin in sorted(host.plugins.items()):
+    rows: list[dict[str, Any]] = []
+    for name, plugin in host.plugins.items():
         info = host.info(name)
         rows.append(
             {
@@ -119,17 +121,26 @@ def plugins(ctx: click.Context, fmt: str) -> None:
                 "distribution": info.distribution,
                 "version": info.version,
                 "description": plugin.description,
-                "consumes": {t: _type_name(s.type) for t, s in sorted(plugin.subscriptions.items())},
-                "produces": {t: _type_name(typ) for t, typ in sorted(plugin.produced.items())},
+                "consumes": {t: type_name(s.type) for t, s in sorted(plugin.subscriptions.items())},
+                "produces": {t: type_name(typ) for t, typ in sorted(plugin.produced.items())},
+                "error": None,
             }
         )
+    for broken in host.broken:
+        rows.append({"name": broken.name, "distribution": broken.distribution, "version": broken.version,
+                     "error": broken.error})  # fmt: skip
+    rows.sort(key=lambda row: (row["name"], row["distribution"]))
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no plugins installed")
     for row in rows:
-        click.echo(f"{row['name']}  ({row['distribution']} {row['version']})  {row['description']}".rstrip())
+        where = f"{row['name']}  ({row['distribution']} {row['version']})"
+        if row["error"]:
+            click.echo(f"{where}  BROKEN: {row['error']}")
+            continue
+        click.echo(f"{where}  {row['description']}".rstrip())
         for topic, typ in row["consumes"].items():
             click.echo(f"    consumes {topic}: {typ}")
         for topic, typ in row["produces"].items():
@@ -218,14 +229,16 @@ def produce(
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json", "mermaid", "dot"]), default="text", show_default=True
+)
 @click.pass_context
 def topology(ctx: click.Context, fmt: str) -> None:
-    """Draw the plugins and topics the installed plugins declare, and report loose ends."""
+    """Draw the plugins and topics the installed plugins declare; report loose ends and readers whose types differ."""
     from kafkaworkers.topology import Topology
 
     graph = Topology.of(plugin_host(ctx).plugins.values())
-    click.echo({"text": graph.text, "mermaid": graph.mermaid, "dot": graph.dot}[fmt]())
+    click.echo({"text": graph.text, "json": graph.json, "mermaid": graph.mermaid, "dot": graph.dot}[fmt]())
 
 
 @cli.command()
@@ -270,21 +283,18 @@ def _topic_type(host: PluginHost, topic: str) -> type:
     raise KafkaWorkersError(f"no installed plugin declares topic {topic!r}; declared: {', '.join(known) or 'none'}")
 
 
-def _type_name(typ: type) -> str:
-    return f"{typ.__module__}.{getattr(typ, '__qualname__', repr(typ))}"
-
-
 cli.add_command(dlq)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Load plugins (and the commands they add), then run the CLI."""
+    """Load plugins (and the commands they add), then run the CLI.
+
+    A broken plugin stops no command (``kafkaworkers plugins`` shows why it is broken), and
+    ``--version`` loads no plugin at all.
+    """
+    args = sys.argv[1:] if argv is None else argv
     host = PluginHost()
-    try:
+    if args[:1] != ["--version"]:
         host.load_entry_points()
         host.register_commands(cli)
-        host.plugins  # noqa: B018 - validate declarations before any command runs
-    except KafkaWorkersError as exc:
-        click.echo(f"kafkaworkers: error: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
-    cli.main(args=argv, prog_name="kafkaworkers", obj=host)
+    cli.main(args=args, prog_name="kafkaworkers", obj=host)

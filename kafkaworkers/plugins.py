@@ -3,6 +3,11 @@
 The only module that talks to pluggy. The rest of the framework calls the typed methods
 of :class:`PluginHost`, so hook names live in one place and an unimplemented per-message
 hook is skipped without a call.
+
+A plugin that cannot be used (it fails to import, shares its name with another, implements
+a hook that does not exist, or produces a topic with another type than a second producer)
+is recorded as broken and left out; every other plugin and every command keeps working,
+and ``kafkaworkers plugins`` shows the error.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kafkaworkers"
-#: Comma-separated entry-point names that must not be loaded (a broken or unwanted plugin).
+#: Comma-separated entry points that must not be loaded: ``NAME`` (from any distribution)
+#: or ``DISTRIBUTION:NAME`` (one of two distributions that use the same name).
 DISABLE_ENV = "KAFKAWORKERS_DISABLE_PLUGINS"
 
 
@@ -44,6 +51,25 @@ class PluginInfo:
     version: str
 
 
+@dataclass(frozen=True, slots=True)
+class BrokenPlugin:
+    """A plugin left out because it cannot be used, and why.
+
+    :param name: the entry-point (or registration) name, which is also what ``--plugin`` takes.
+    :param distribution: the distribution it came from, ``<registered>`` if none.
+    :param version: that distribution's version.
+    :param error: one line that names the problem, the distributions involved and the way out.
+    """
+
+    name: str
+    distribution: str
+    version: str
+    error: str
+
+
+REGISTERED = PluginInfo("", "<registered>", "")
+
+
 class PluginHost:
     """Loads plugins, validates their declarations, and calls their hooks."""
 
@@ -51,33 +77,49 @@ class PluginHost:
         self._pm = pluggy.PluginManager("kafkaworkers")
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, PluginInfo] = {}
+        self._broken: list[BrokenPlugin] = []
         self._plugins: dict[str, Plugin] | None = None
+        # declared plugin name -> the registration that declared it
+        self._declared_by: dict[str, str] = {}
 
     # --- loading ---------------------------------------------------------------------
 
     def load_entry_points(self) -> None:
-        """Load every plugin of the ``kafkaworkers`` entry-point group, except disabled ones."""
-        disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+        """Load every plugin of the ``kafkaworkers`` entry-point group, except disabled ones.
+
+        Never raises for a plugin's fault: an entry point that fails to import, or a name two
+        distributions use, is recorded as broken (see :attr:`broken`) and the others load.
+        """
+        found: dict[str, list[tuple[importlib.metadata.EntryPoint, PluginInfo]]] = {}
         for dist in importlib.metadata.distributions():
+            dist_name = dist.metadata["Name"]
             for ep in dist.entry_points:
-                if ep.group != ENTRY_POINT_GROUP or ep.name in disabled:
+                if ep.group != ENTRY_POINT_GROUP or _disabled(ep.name, dist_name):
                     continue
-                if self._pm.get_plugin(ep.name) is not None:
-                    other = self._sources.get(ep.name)
-                    where = other.distribution if other else "an earlier registration"
-                    raise PluginError(
-                        f"two plugins are named {ep.name!r}: one from {where},"
-                        f" one from {dist.metadata['Name']}; uninstall one or disable it with"
-                        f" {DISABLE_ENV}"
-                    )
-                try:
-                    obj = ep.load()
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {ep.name!r} from {dist.metadata['Name']} failed to import: {type(exc).__name__}: {exc}"
-                    ) from exc
-                self.register(obj, ep.name)
-                self._sources[ep.name] = PluginInfo(ep.name, dist.metadata["Name"], dist.version)
+                candidates = found.setdefault(ep.name, [])
+                # The same distribution seen twice on sys.path is one plugin, not a clash.
+                if all(_canonical(info.distribution) != _canonical(dist_name) for _, info in candidates):
+                    candidates.append((ep, PluginInfo(ep.name, dist_name, dist.version)))
+        for name, candidates in found.items():
+            infos = [info for _, info in candidates]
+            if self._pm.has_plugin(name):
+                infos.insert(0, self._source(name))
+            if len(infos) > 1:
+                self._duplicate_entry_point(name, infos)
+                continue
+            ep, info = candidates[0]
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                reason = f"failed to import: {type(exc).__name__}: {exc}; fix or uninstall {info.distribution}"
+                self._break(info, reason)
+                continue
+            try:
+                self.register(obj, name)
+            except PluginError as exc:
+                self._break(info, str(exc).removeprefix(f"plugin {name!r} "))
+                continue
+            self._sources[name] = info
 
     def register(self, obj: object, name: str | None = None) -> None:
         """Register a plugin object or module directly (tests, embedding)."""
@@ -95,20 +137,57 @@ class PluginHost:
                 " see docs/plugins.md for the hook names"
             ) from exc
 
+    def _duplicate_entry_point(self, name: str, infos: list[PluginInfo]) -> None:
+        """Load none of two plugins of one name: which one ran would depend on sys.path order."""
+        if self._pm.has_plugin(name):
+            self._pm.unregister(name=name)
+            self._plugins = None
+        ways = " or ".join(f"{DISABLE_ENV}={i.distribution}:{name}" for i in infos if i is not REGISTERED)
+        reason = (
+            f"is one of {len(infos)} plugins named {name!r}, from {' and '.join(_where(i) for i in infos)};"
+            f" uninstall one, or disable one with {ways}"
+        )
+        for info in infos:
+            self._break(PluginInfo(name, info.distribution, info.version), reason)
+
+    def _break(self, info: PluginInfo, reason: str) -> None:
+        error = f"plugin {info.name!r} ({_where(info)}) {reason}"
+        if DISABLE_ENV not in error:
+            error += f"; disable it with {DISABLE_ENV}={info.name}"
+        self._broken.append(BrokenPlugin(info.name, info.distribution, info.version, error))
+
     # --- declarations ----------------------------------------------------------------
 
     @property
     def plugins(self) -> dict[str, Plugin]:
-        """Every declared worker plugin by name, validated against each other."""
+        """Every usable worker plugin by name; the unusable ones are in :attr:`broken`."""
         if self._plugins is None:
-            self._plugins = _validate(p for p in self._pm.hook.kafkaworkers_declare() if p is not None)
+            self._plugins = self._declare()
         return self._plugins
 
+    @property
+    def broken(self) -> list[BrokenPlugin]:
+        """Every plugin left out, with why, in the order they were found."""
+        self.plugins  # noqa: B018 - declaring may break plugins too
+        return list(self._broken)
+
+    def check(self) -> None:
+        """Raise :class:`PluginError` if any plugin is broken.
+
+        For embedders and the test harness, where a broken plugin is a bug to fix rather
+        than an installation to work around.
+        """
+        if self.broken:
+            raise PluginError("; ".join(b.error for b in self._broken))
+
     def select(self, names: Iterable[str]) -> list[Plugin]:
-        """The named plugins, or a :class:`PluginError` that lists what is installed."""
+        """The named plugins, or a :class:`PluginError` saying why one is broken or what is installed."""
         found = []
         for name in names:
             if name not in self.plugins:
+                broken = [b for b in self._broken if b.name == name]
+                if broken:
+                    raise PluginError(broken[0].error)
                 installed = ", ".join(sorted(self.plugins)) or "none"
                 raise PluginError(
                     f"unknown plugin {name!r}; installed: {installed}."
@@ -119,12 +198,64 @@ class PluginHost:
 
     def info(self, name: str) -> PluginInfo:
         """The distribution a plugin was installed from (``<registered>`` if not from one)."""
-        for info in self._sources.values():
-            obj = self._pm.get_plugin(info.name)
-            declared = getattr(obj, "name", None) if isinstance(obj, Plugin) else None
-            if info.name == name or declared == name:
-                return info
-        return PluginInfo(name, "<registered>", "")
+        self.plugins  # noqa: B018 - maps declared names to registrations
+        source = self._source(self._declared_by.get(name, name))
+        return PluginInfo(name, source.distribution, source.version)
+
+    def _declare(self) -> dict[str, Plugin]:
+        """Ask each registration for its plugin on its own, so that a failure breaks only that one."""
+        declared: dict[str, list[str]] = {}
+        plugins: dict[str, Plugin] = {}
+        for impl in self._pm.hook.kafkaworkers_declare.get_hookimpls():
+            try:
+                plugin = impl.function()
+            except Exception as exc:
+                self._unregister(impl.plugin_name, f"failed in kafkaworkers_declare: {type(exc).__name__}: {exc}")
+                continue
+            if plugin is None:
+                continue
+            if not isinstance(plugin, Plugin):
+                self._unregister(impl.plugin_name, f"returned {plugin!r} from kafkaworkers_declare, not a Plugin")
+                continue
+            declared.setdefault(plugin.name, []).append(impl.plugin_name)
+            plugins[plugin.name] = plugin
+        for name, registrations in declared.items():
+            if len(registrations) > 1:
+                del plugins[name]
+                where = " and ".join(f"{r!r} ({_where(self._source(r))})" for r in registrations)
+                reason = (
+                    f"is declared by {len(registrations)} entry points, {where}; plugin names must be"
+                    f" unique: uninstall one, or disable one with {DISABLE_ENV}"
+                )
+                for registration in registrations:
+                    self._unregister(registration, reason, name)
+        self._declared_by = {name: registrations[0] for name, registrations in declared.items()}
+        for topic, producers in _producers_by_type(plugins.values()).items():
+            if len(producers) < 2:
+                continue
+            who = "; ".join(
+                f"{type_name(typ)} by "
+                + ", ".join(f"{n!r} ({_where(self._source(self._declared_by[n]))})" for n in names)
+                for typ, names in producers.items()
+            )
+            reason = (
+                f"produces topic {topic!r}, which its producers write with different types ({who});"
+                f" its consumers need one shape: share one contract, or disable one with {DISABLE_ENV}"
+            )
+            for name in [n for names in producers.values() for n in names if n in plugins]:
+                self._unregister(self._declared_by[name], reason, name)
+                del plugins[name]
+        return plugins
+
+    def _source(self, registration: str) -> PluginInfo:
+        return self._sources.get(registration, REGISTERED)
+
+    def _unregister(self, registration: str, reason: str, name: str | None = None) -> None:
+        """Record a registered plugin as broken (as ``name``, its declared name if known) and
+        take its hooks out, so that nothing of it runs."""
+        source = self._source(registration)
+        self._break(PluginInfo(name or registration, source.distribution, source.version), reason)
+        self._pm.unregister(name=registration)
 
     # --- hooks -----------------------------------------------------------------------
 
@@ -133,7 +264,15 @@ class PluginHost:
         return bool(getattr(self._pm.hook, hook).get_hookimpls())
 
     def register_commands(self, cli: click.Group) -> None:
-        self._pm.hook.kafkaworkers_register_commands(cli=cli)
+        """Let each plugin add its commands; one that raises is recorded as broken, the others still add theirs."""
+        for impl in self._pm.hook.kafkaworkers_register_commands.get_hookimpls():
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                self._unregister(
+                    impl.plugin_name, f"failed in kafkaworkers_register_commands: {type(exc).__name__}: {exc}"
+                )
+                self._plugins = None
 
     def demo_scenario(self) -> DemoScenario | None:
         return self._pm.hook.kafkaworkers_demo_scenario()
@@ -168,26 +307,33 @@ def hook_names() -> list[str]:
     return sorted(n for n in dir(hookspecs) if n.startswith("kafkaworkers_"))
 
 
-def _validate(declared: Iterable[Plugin]) -> dict[str, Plugin]:
-    plugins: dict[str, Plugin] = {}
-    types: dict[str, tuple[type, str]] = {}
-    for plugin in declared:
-        if not isinstance(plugin, Plugin):
-            raise PluginError(f"kafkaworkers_declare returned {plugin!r}, not a kafkaworkers.Plugin")
-        if plugin.name in plugins:
-            raise PluginError(f"two plugins declare the name {plugin.name!r}; plugin names must be unique")
-        plugins[plugin.name] = plugin
-        declarations = [(s.topic, s.type) for s in plugin.subscriptions.values()]
-        declarations += list(plugin.produced.items())
-        for topic, typ in declarations:
-            seen = types.setdefault(topic, (typ, plugin.name))
-            if seen[0] is not typ:
-                raise PluginError(
-                    f"topic {topic!r} has two types: {_qualname(seen[0])} in plugin {seen[1]!r}"
-                    f" and {_qualname(typ)} in plugin {plugin.name!r}; both must use one contract"
-                )
-    return plugins
+def type_name(typ: type) -> str:
+    """A declared type as ``module.QualName``, for listings and errors."""
+    return f"{typ.__module__}.{getattr(typ, '__qualname__', repr(typ))}"
 
 
-def _qualname(typ: type) -> str:
-    return f"{typ.__module__}.{getattr(typ, '__qualname__', typ)}"
+def _producers_by_type(plugins: Iterable[Plugin]) -> dict[str, dict[type, list[str]]]:
+    """topic -> each type it is produced with -> the plugins producing it with that type."""
+    out: dict[str, dict[type, list[str]]] = {}
+    for plugin in sorted(plugins, key=lambda p: p.name):
+        for topic, typ in plugin.produced.items():
+            out.setdefault(topic, {}).setdefault(typ, []).append(plugin.name)
+    return out
+
+
+def _disabled(name: str, distribution: str) -> bool:
+    entries = {e.strip() for e in os.environ.get(DISABLE_ENV, "").split(",") if e.strip()}
+    return name in entries or any(
+        e.partition(":")[2] == name and _canonical(e.partition(":")[0]) == _canonical(distribution)
+        for e in entries
+        if ":" in e
+    )
+
+
+def _canonical(distribution: str) -> str:
+    """A distribution name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _where(info: PluginInfo) -> str:
+    return f"{info.distribution} {info.version}".rstrip()

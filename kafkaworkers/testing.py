@@ -52,6 +52,7 @@ class Harness:
         self.host = PluginHost()
         for obj in plugins:
             self.host.register(obj, getattr(obj, "name", None) or f"observer-{next(_names)}")
+        self.host.check()
         workers = list(self.host.plugins.values())
         for plugin in workers:
             for topic in [*plugin.subscriptions, *plugin.produced]:

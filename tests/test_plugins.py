@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from kafkaworkers import Plugin, PluginError, hookimpl
-from kafkaworkers.plugins import PluginHost
+from kafkaworkers.plugins import PluginHost, type_name
 
 
 class A(msgspec.Struct):
@@ -28,23 +32,43 @@ def make(name: str, topic: str = "t", typ: type = A) -> Plugin:
     return plugin
 
 
-def test_two_plugins_with_one_name_are_refused() -> None:
+def test_two_plugins_declaring_one_name_are_both_broken_and_the_others_still_load() -> None:
     host = PluginHost()
     host.register(make("dup"), "first")
     host.register(make("dup"), "second")
-    with pytest.raises(PluginError, match="two plugins declare the name 'dup'"):
-        host.plugins  # noqa: B018
+    host.register(make("fine"))
+    assert list(host.plugins) == ["fine"]
+    assert [b.name for b in host.broken] == ["dup", "dup"]
+    error = host.broken[0].error
+    assert "is declared by 2 entry points, 'first' (<registered>) and 'second' (<registered>)" in error
+    assert "KAFKAWORKERS_DISABLE_PLUGINS" in error
+    with pytest.raises(PluginError) as refused:
+        host.select(["dup"])
+    assert str(refused.value) == error
+    with pytest.raises(PluginError, match="is declared by 2 entry points"):
+        host.check()
 
 
-def test_conflicting_types_for_one_topic_are_refused() -> None:
+def test_consumers_may_read_one_topic_with_types_of_their_own() -> None:
     host = PluginHost()
     host.register(make("one", "orders", A))
-    other = Plugin("two", produces={"orders": B})
-    host.register(other)
-    with pytest.raises(PluginError, match=r"topic 'orders' has two types: .*\.[AB] in plugin '(one|two)' and") as err:
-        host.plugins  # noqa: B018
-    assert "test_plugins.A in plugin 'one'" in str(err.value)
-    assert "test_plugins.B in plugin 'two'" in str(err.value)
+    host.register(make("two", "orders", B))
+    host.register(Plugin("writer", produces={"orders": A}))
+    assert sorted(host.plugins) == ["one", "two", "writer"]
+    assert host.broken == []
+
+
+def test_two_producers_of_one_topic_with_different_types_are_both_broken() -> None:
+    host = PluginHost()
+    host.register(Plugin("one", produces={"orders": A}))
+    host.register(Plugin("two", produces={"orders": B}))
+    host.register(make("reader", "orders", A))
+    assert list(host.plugins) == ["reader"]
+    assert [b.name for b in host.broken] == ["one", "two"]
+    error = host.broken[0].error
+    assert "produces topic 'orders', which its producers write with different types" in error
+    assert f"{type_name(A)} by 'one' (<registered>); {type_name(B)} by 'two' (<registered>)" in error
+    assert "KAFKAWORKERS_DISABLE_PLUGINS" in error
 
 
 def test_misspelled_hook_is_refused_at_registration() -> None:
@@ -87,11 +111,17 @@ def test_per_message_hooks_are_reported_only_when_implemented() -> None:
     assert host.has_impl("kafkaworkers_message_handled")
 
 
-def install_dist(site: Path, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+def install_dist(
+    site: Path,
+    entry_points: dict[str, str],
+    modules: dict[str, str],
+    name: str = "kwunit-plugins",
+    version: str = "2.0",
+) -> None:
     """A distribution made of a dist-info and modules, visible once ``site`` is on sys.path."""
-    dist = site / "kwunit_plugins-2.0.dist-info"
+    dist = site / f"{name.replace('-', '_')}-{version}.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kwunit-plugins\nVersion: 2.0\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (dist / "entry_points.txt").write_text(
         "[kafkaworkers]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     )
@@ -126,10 +156,126 @@ def test_disabled_entry_points_are_not_loaded(tmp_path: Path, monkeypatch: pytes
     assert "kwu-b" not in host.plugins
 
 
-def test_a_plugin_that_fails_to_import_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    install_dist(tmp_path, {"kwu-broken": "kwu_broken:plugin"}, {"kwu_broken": "raise ImportError('no luck')\n"})
+def test_a_plugin_that_fails_to_import_is_broken_and_the_others_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_dist(
+        tmp_path,
+        {"kwu-ok": "kwu_ok:plugin", "kwu-broken": "kwu_broken:plugin"},
+        {"kwu_ok": PLUGIN_MODULE.format(name="kwu-ok"), "kwu_broken": "raise ImportError('no luck')\n"},
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(
-        PluginError, match="plugin 'kwu-broken' from kwunit-plugins failed to import: ImportError: no luck"
-    ):
-        PluginHost().load_entry_points()
+    host = PluginHost()
+    host.load_entry_points()
+    assert "kwu-ok" in host.plugins
+    [broken] = [b for b in host.broken if b.name == "kwu-broken"]
+    assert (broken.distribution, broken.version) == ("kwunit-plugins", "2.0")
+    assert broken.error.startswith("plugin 'kwu-broken' (kwunit-plugins 2.0) failed to import: ImportError: no luck")
+    assert "KAFKAWORKERS_DISABLE_PLUGINS=kwu-broken" in broken.error
+    with pytest.raises(PluginError) as refused:
+        host.select(["kwu-broken"])
+    assert str(refused.value) == broken.error
+
+
+def test_a_plugin_with_a_misspelled_hook_is_broken_and_names_its_distribution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = "from kafkaworkers import hookimpl\n@hookimpl\ndef kafkaworkers_worker_stated(worker):\n    pass\n"
+    install_dist(tmp_path, {"kwu-typo": "kwu_typo"}, {"kwu_typo": module})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host = PluginHost()
+    host.load_entry_points()
+    [broken] = [b for b in host.broken if b.name == "kwu-typo"]
+    assert broken.error.startswith("plugin 'kwu-typo' (kwunit-plugins 2.0) implements a hook that does not exist")
+    assert not host.has_impl("kafkaworkers_worker_stated")
+
+
+def test_one_name_in_two_distributions_loads_neither_and_names_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_dist(tmp_path, {"kwu-twin": "kwu_twin_a:plugin"}, {"kwu_twin_a": PLUGIN_MODULE.format(name="kwu-twin")},
+                 name="kwunit-a", version="1.0")  # fmt: skip
+    install_dist(tmp_path, {"kwu-twin": "kwu_twin_b:plugin"}, {"kwu_twin_b": PLUGIN_MODULE.format(name="kwu-twin")},
+                 name="kwunit-b", version="3.1")  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host = PluginHost()
+    host.load_entry_points()
+    assert "kwu-twin" not in host.plugins
+    twins = [b for b in host.broken if b.name == "kwu-twin"]
+    assert sorted(b.distribution for b in twins) == ["kwunit-a", "kwunit-b"]
+    error = twins[0].error
+    assert "is one of 2 plugins named 'kwu-twin', from kwunit-a 1.0 and kwunit-b 3.1" in error or (
+        "from kwunit-b 3.1 and kwunit-a 1.0" in error
+    )
+    assert "KAFKAWORKERS_DISABLE_PLUGINS=kwunit-a:kwu-twin" in error
+
+    # Disabling one of the two by its distribution lets the other load.
+    monkeypatch.setenv("KAFKAWORKERS_DISABLE_PLUGINS", "kwunit_a:kwu-twin")
+    host = PluginHost()
+    host.load_entry_points()
+    assert "kwu-twin" in host.plugins
+    assert host.info("kwu-twin").distribution == "kwunit-b"
+    assert not [b for b in host.broken if b.name == "kwu-twin"]
+
+
+# --- the command line with a broken plugin installed ---------------------------------------
+
+
+@pytest.fixture
+def broken_site(tmp_path: Path) -> Path:
+    """A site with a distribution whose plugin fails to import, leaving a mark when it is imported."""
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "imported"
+    module = f"open({str(marker)!r}, 'w').close()\nraise ImportError('no luck')\n"
+    install_dist(site, {"kwu-broken": "kwu_broken:plugin"}, {"kwu_broken": module}, name="kwunit-broken", version="0.1")
+    return site
+
+
+def kafkaworkers(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site), "KAFKAWORKERS_METRICS_PORT": "0"}
+    return subprocess.run([sys.executable, "-m", "kafkaworkers", *args], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+BROKEN_ERROR = "plugin 'kwu-broken' (kwunit-broken 0.1) failed to import: ImportError: no luck"
+
+
+def test_version_loads_no_plugin(broken_site: Path) -> None:
+    result = kafkaworkers(broken_site, "--version")
+    assert result.returncode == 0, result.stderr
+    assert "kafkaworkers" in result.stdout
+    assert not (broken_site.parent / "imported").exists()
+
+
+def test_help_and_other_commands_work_beside_a_broken_plugin(broken_site: Path) -> None:
+    helped = kafkaworkers(broken_site, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "topology" in helped.stdout
+    assert (broken_site.parent / "imported").exists(), "the broken plugin was never tried: the test proves nothing"
+    drawn = kafkaworkers(broken_site, "topology")
+    assert drawn.returncode == 0, drawn.stderr
+    assert "fraude" in drawn.stdout
+
+
+def test_plugins_lists_a_broken_plugin_with_its_error_beside_the_working_ones(broken_site: Path) -> None:
+    text = kafkaworkers(broken_site, "plugins")
+    assert text.returncode == 0, text.stderr
+    assert f"kwu-broken  (kwunit-broken 0.1)  BROKEN: {BROKEN_ERROR}" in text.stdout
+    assert "consumes pedido-novo" in text.stdout
+    rows = {row["name"]: row for row in json.loads(kafkaworkers(broken_site, "plugins", "--format", "json").stdout)}
+    assert rows["kwu-broken"]["distribution"] == "kwunit-broken"
+    assert rows["kwu-broken"]["version"] == "0.1"
+    assert rows["kwu-broken"]["error"].startswith(BROKEN_ERROR)
+    assert rows["fraude"]["error"] is None
+    assert "pedido-novo" in rows["fraude"]["consumes"]
+
+
+def test_running_a_broken_plugin_fails_with_one_line_giving_its_error(broken_site: Path) -> None:
+    result = kafkaworkers(broken_site, "run", "--plugin", "kwu-broken")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    [line] = lines
+    assert line.startswith(f"kafkaworkers: error: {BROKEN_ERROR}")
+    assert "KAFKAWORKERS_DISABLE_PLUGINS=kwu-broken" in line
