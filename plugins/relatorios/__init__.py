@@ -145,7 +145,8 @@ def _pending(path: Path) -> int:
     """Events a crashed worker left in its buffer: not in the warehouse until relatorios starts again."""
     if not path.is_file():
         return 0
-    with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as buffer:
+    # A file URI (for mode=ro) must be absolute, and the default data directory is relative.
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as buffer:
         return buffer.execute("SELECT count(*) FROM pendentes").fetchone()[0]
 
 

@@ -267,11 +267,16 @@ def render(summary: dict[str, Any]) -> str:
         row("Fraud rate", *fraud),
         row("Out-of-stock rate", *sold_out),
         "",
-        f"{'Time from order creation':<{width}}{'p50':>10}{'p95':>10}{'p99':>10}{'orders':>8}",
     ]
-    for label, stats in summary["latency_seconds"].items():
-        quantiles = "".join(f"{secs(stats[q]):>10}" for q in ("p50", "p95", "p99"))
-        lines.append(f"{'  to ' + label:<{width}}{quantiles}{stats['orders']:>8}")
+    latency = summary["latency_seconds"]
+    quantiles = ("p50", "p95", "p99")
+    # Each column two spaces wider than its widest value, so long waits never run together.
+    col = 2 + max([10, *(len(secs(stats[q])) for stats in latency.values() for q in quantiles)])
+    heads = "".join(f"{q:>{col}}" for q in quantiles)
+    lines.append(f"{'Time from order creation':<{width}}{heads}{'orders':>8}")
+    for label, stats in latency.items():
+        cells = "".join(f"{secs(stats[q]):>{col}}" for q in quantiles)
+        lines.append(f"{'  to ' + label:<{width}}{cells}{stats['orders']:>8}")
     if summary.get("pending_events"):
         lines += ["", f"{summary['pending_events']} event(s) not loaded yet: they load when relatorios next starts"]
     return "\n".join(lines)
