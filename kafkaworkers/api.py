@@ -368,16 +368,16 @@ def _first_parameter_type(handler: Callable[..., Any]) -> tuple[Any, str]:
     try:
         first = next(iter(inspect.signature(handler).parameters.values()), None)
     except (TypeError, ValueError):
-        return None, "its handler's signature cannot be read"
+        return None, "the handler's signature cannot be read"
     if first is None:
-        return None, "its handler takes no parameters"
+        return None, "the handler takes no parameters"
     if first.annotation is inspect.Parameter.empty:
         return None, f"the handler's parameter {first.name!r} has no annotation"
     holder = types.SimpleNamespace(__annotations__={first.name: first.annotation})
     target = inspect.unwrap(handler)
     try:
         hints = typing.get_type_hints(holder, globalns=getattr(target, "__globals__", {}))
-    except NameError as exc:
+    except (NameError, AttributeError, SyntaxError, TypeError) as exc:  # evaluating it may fail any of these ways
         return None, f"the annotation of the handler's parameter {first.name!r} does not resolve ({exc})"
     return hints[first.name], ""
 
