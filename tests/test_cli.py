@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import click
 import pytest
 
 from tests.conftest import KwTest
@@ -52,6 +56,7 @@ def test_metrics_port_in_use(kwtest: KwTest) -> None:
         port = str(taken.getsockname()[1])
         line = one_error_line(kwtest.cli("run", "--plugin", "echo", "--metrics-port", port))
     assert f"cannot serve metrics on 127.0.0.1:{port}" in line
+    assert "pick another --metrics-port" in line
 
 
 def test_run_needs_plugins_or_all(kwtest: KwTest) -> None:
@@ -78,3 +83,112 @@ def test_python_dash_m_works_like_the_command(argv: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "kafkaworkers", *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "kafkaworkers" in result.stdout
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def test_a_bad_setting_is_one_line_before_the_worker_starts(kwtest: KwTest) -> None:
+    run = ("run", "--plugin", "echo", "-b", "memory://cli")
+    line = one_error_line(kwtest.cli(*run, KAFKAWORKERS_METRICS_PORT="99999"))
+    assert line == (
+        "kafkaworkers: error: bad setting metrics_port=99999 from environment (KAFKAWORKERS_METRICS_PORT):"
+        " must be between 0 and 65535"
+    )
+    # A poll timeout that would block the loop (and with it SIGTERM) is refused at start.
+    line = one_error_line(kwtest.cli(*run, KAFKAWORKERS_POLL_TIMEOUT="-1"))
+    assert "bad setting poll_timeout=-1 from environment (KAFKAWORKERS_POLL_TIMEOUT)" in line
+
+
+def test_a_librdkafka_property_it_refuses_is_named_with_its_table_and_file(kwtest: KwTest, tmp_path: Path) -> None:
+    config = tmp_path / "kafkaworkers.toml"
+    config.write_text('[kafka]\n"security.protocol" = "SASL_FOO"\n"sasl.password" = "hunter2"\n')
+    result = kwtest.cli("run", "--plugin", "echo", "-b", "memory://cli", "--config", str(config))
+    line = one_error_line(result)
+    assert line == (
+        f"kafkaworkers: error: bad librdkafka property security.protocol='SASL_FOO' in [kafka] from {config}:"
+        ' Invalid value "SASL_FOO" for configuration property "security.protocol"'
+    )
+    # A value that conflicts with a framework default names the property too, and never prints a secret.
+    result = kwtest.cli(
+        "produce", kwtest.ping, "-b", "memory://cli", input="",
+        KAFKAWORKERS_PRODUCER_ACKS="1", KAFKAWORKERS_KAFKA_SASL_PASSWORD="hunter2",
+    )  # fmt: skip
+    line = one_error_line(result)
+    assert "bad librdkafka property acks='1' in [producer] from environment (KAFKAWORKERS_PRODUCER_ACKS)" in line
+    assert "`acks` must be set to `all` when `enable.idempotence` is true" in line
+    assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_a_misspelled_variable_is_warned_about_with_the_closest_name(kwtest: KwTest) -> None:
+    result = kwtest.cli("config", "show", KAFKAWORKERS_BOOTSTRAP_SERVER="broker:9092")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "KAFKAWORKERS_BOOTSTRAP_SERVER " in line]
+    assert len(warnings) == 1
+    assert warnings[0].endswith("did you mean KAFKAWORKERS_BOOTSTRAP_SERVERS?")
+
+
+def test_config_show_prints_each_value_with_its_source_and_no_secret(kwtest: KwTest, tmp_path: Path) -> None:
+    config = tmp_path / "kafkaworkers.toml"
+    config.write_text('group_prefix = "team-"\n[plugins.pagamento]\ngateway_timeout = 2\n')
+    env = {
+        "KAFKAWORKERS_BATCH_SIZE": "20",
+        "KAFKAWORKERS_PLUGINS__PAGAMENTO__GATEWAY_TIMEOUT": "5",
+        "KAFKAWORKERS_PLUGINS__PAGAMENTO__GATEWAY_API_TOKEN": "tok-123456",
+        "KAFKAWORKERS_KAFKA_SASL_PASSWORD": "hunter2",
+    }
+    args = ("config", "show", "-b", "memory://cli", "--config", str(config))
+    result = kwtest.cli(*args, "--format", "json", **env)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: (row["value"], row["source"], row["layer"]) for row in json.loads(result.stdout)}
+    assert rows["bootstrap_servers"] == ("memory://cli", "--bootstrap-servers", "command line")
+    assert rows["batch_size"] == (20, "KAFKAWORKERS_BATCH_SIZE", "environment")
+    assert rows["group_prefix"] == ("team-", str(config), "file")
+    assert rows["log_format"] == ("text", "default", "default")
+    assert rows["plugins.pagamento.gateway_timeout"][:2] == (5, "KAFKAWORKERS_PLUGINS__PAGAMENTO__GATEWAY_TIMEOUT")
+    assert rows["plugins.pagamento.gateway_api_token"][0] == "***"
+    assert rows["kafka.sasl.password"][0] == "***"
+
+    text = kwtest.cli(*args, **env)
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^batch_size +20 +KAFKAWORKERS_BATCH_SIZE$", text.stdout, re.M), text.stdout
+    assert re.search(r'^group_prefix +"team-" +' + re.escape(str(config)) + "$", text.stdout, re.M)
+    for output in (result, text):
+        assert "tok-123456" not in output.stdout + output.stderr
+        assert "hunter2" not in output.stdout + output.stderr
+
+
+def test_log_level_debug_adds_debug_lines(kwtest: KwTest) -> None:
+    quiet = kwtest.cli("config", "show", "--log-level", "info")
+    assert " DEBUG " not in quiet.stderr
+    loud = kwtest.cli("config", "show", "--log-level", "debug")
+    assert loud.returncode == 0, loud.stderr
+    assert "DEBUG   kafkaworkers.clikit: setting log_level = 'DEBUG' from command line (--log-level)" in loud.stderr
+    assert "KAFKAWORKERS_KAFKA_DEBUG=" in loud.stderr, "says how to get librdkafka's own debug lines"
+
+
+def test_a_metrics_host_that_cannot_be_bound_blames_the_host_not_the_port(kwtest: KwTest) -> None:
+    # 192.0.2.1 is TEST-NET-1: never an address of this machine.
+    args = ("run", "--plugin", "echo", "-b", "memory://cli", "--metrics-host", "192.0.2.1", "--metrics-port", "9400")
+    line = one_error_line(kwtest.cli(*args))
+    assert "cannot serve metrics on 192.0.2.1:9400" in line
+    assert "pick a --metrics-host of this machine" in line and "--metrics-port" not in line
+
+
+def test_every_settings_option_has_help() -> None:
+    from kafkaworkers.cli import cli
+
+    def commands(group: click.Group) -> list[click.Command]:
+        found: list[click.Command] = []
+        for command in group.commands.values():
+            found += commands(command) if isinstance(command, click.Group) else [command]
+        return found
+
+    shared = {"bootstrap_servers", "config_file", "log_level", "log_format"}
+    checked = 0
+    for command in commands(cli):
+        for param in command.params:
+            if param.name in shared and isinstance(param, click.Option):
+                assert param.help, f"{command.name} {param.opts[0]} has no help"
+                checked += 1
+    assert checked >= 4 * 3, "run, produce and config show at least"
