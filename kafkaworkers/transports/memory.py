@@ -1,9 +1,28 @@
 """An embedded in-memory Kafka-like broker behind the confluent-kafka client interface.
 
 The demo, fast unit tests and plugin authors run the real worker loop against it, so its
-clients keep confluent-kafka's semantics: rebalance callbacks run inside the member's own
-``consume()``, delivery reports wait for ``poll()``/``flush()``, and only stored offsets are
-committed.
+clients keep confluent-kafka's semantics, checked against Apache Kafka by
+``tests/transports/test_contract.py``:
+
+- rebalance callbacks run inside the member's own ``consume()`` (any call, so a partition
+  can be revoked between two calls of one fetch), before it returns messages; every member
+  of a rebalanced group gets an ``on_assign``, with ``[]`` when it gains nothing.
+- ``partition.assignment.strategy`` picks the protocol: ``range`` (librdkafka's default,
+  ``roundrobin`` is treated as ``range``) is eager, every member revokes everything it holds
+  and gets its new assignment whole; ``cooperative-sticky`` moves only the partitions that
+  change owner, a partition leaving its old owner before the new one gets it.
+- a paused partition stays paused for that consumer after it is revoked and assigned to it
+  again (librdkafka keeps the application's pause flag per consumer and partition).
+- delivery reports wait for ``poll()``/``flush()``; only stored offsets are committed;
+  ``produce()`` raises ``MSG_SIZE_TOO_LARGE`` past the producer's ``message.max.bytes``,
+  sized as librdkafka sizes a record; subscribing to a missing topic reports
+  ``UNKNOWN_TOPIC_OR_PART`` through ``consume()`` once.
+
+Faults are injected through :class:`MemoryBroker`: :meth:`~MemoryBroker.fail_deliveries`,
+:meth:`~MemoryBroker.inject_consumer_error` and :meth:`~MemoryBroker.expire` (a member that
+outlived ``max.poll.interval.ms``). Not modelled: timeouts of their own (a member that never
+calls ``consume()`` holds up a rebalance forever), several ``on_assign([])`` calls per
+cooperative rebalance (one is made), ``enable.partition.eof``, transactions.
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ _TP = tuple[str, int]
 _MASK = 0xFFFFFFFF
 _RESETS = {"earliest": True, "smallest": True, "beginning": True,
            "latest": False, "largest": False, "end": False}
+_STRATEGIES = {"range", "roundrobin", "cooperative-sticky"}
 
 
 def murmur2(data: bytes) -> int:
@@ -101,6 +121,27 @@ def _headers(headers: Headers | Mapping[str, Any] | None) -> Headers | None:
                             f"not {type(value).__name__}")
         out.append((name, value.encode() if isinstance(value, str) else value))
     return out or None
+
+
+# librdkafka's bound on a v2 record's own fields (length, attributes, timestamp and offset
+# deltas, key and value lengths, header count), added to key, value and headers to size it.
+_RECORD_OVERHEAD = 36
+
+
+def _varint_size(n: int) -> int:
+    """Bytes of ``n`` as a zigzag varint, as record lengths are written."""
+    zigzag = (n << 1) ^ (n >> 63)
+    return max(1, (zigzag.bit_length() + 6) // 7)
+
+
+def _headers_size(headers: Headers) -> int:
+    """Bytes of headers in a record: each name and value with its varint length (-1: None)."""
+    size = 0
+    for name, value in headers:
+        encoded = len(name.encode())
+        size += _varint_size(encoded) + encoded
+        size += _varint_size(-1) if value is None else _varint_size(len(value)) + len(value)
+    return size
 
 
 def _tps(keys: Iterable[_TP]) -> list[TopicPartition]:
@@ -172,7 +213,10 @@ class MemoryBroker:
         self._topics: dict[str, list[list[MemoryMessage]]] = {}
         self._committed: dict[tuple[str, str, int], int] = {}
         self._groups: dict[str, list[MemoryConsumer]] = {}
-        self._failures: dict[str, tuple[int, int]] = {}
+        # Bumped by every change a group's members must look at; a member compares it with
+        # the last one it served, so a consume() with nothing to do takes no lock for it.
+        self._epochs: dict[str, int] = {}
+        self._failures: dict[str, tuple[int, KafkaError]] = {}
 
     def create_topic(self, name: str, partitions: int) -> bool:
         """Create a topic; False when it already exists (its partition count is kept)."""
@@ -194,16 +238,50 @@ class MemoryBroker:
         with self._cond:
             return list(itertools.chain.from_iterable(self._topics.get(topic, [])))
 
-    def fail_deliveries(self, topic: str, count: int,
-                        error_code: int = KafkaError._MSG_TIMED_OUT) -> None:
-        """Make the next ``count`` produces to ``topic`` report ``error_code`` and not append."""
+    def members(self, group: str) -> list[MemoryConsumer]:
+        """The consumers now in ``group``, in the order they joined."""
         with self._cond:
-            self._failures[topic] = (count, error_code)
+            return list(self._groups.get(group, []))
+
+    def fail_deliveries(self, topic: str, count: int = 1,
+                        error: int | KafkaError = KafkaError._MSG_TIMED_OUT) -> None:
+        """Make the next ``count`` produces to ``topic`` report ``error`` and not append.
+
+        An error code is reported as librdkafka reports it (``fatal()`` and ``retriable()``
+        false); pass a ``KafkaError`` built with ``fatal=True`` or ``retriable=True`` to
+        report exactly that.
+        """
+        with self._cond:
+            self._failures[topic] = (count, error if isinstance(error, KafkaError) else KafkaError(error))
+
+    def inject_consumer_error(self, group: str, error: int | KafkaError, topic: str = "",
+                              partition: int | None = None) -> None:
+        """Make the next ``consume()`` of every member of ``group`` return a message whose
+        ``error()`` is ``error`` (a code becomes a non-fatal ``KafkaError``)."""
+        err = error if isinstance(error, KafkaError) else KafkaError(error)
+        with self._cond:
+            for member in self._groups.get(group, []):
+                member._errors.append(MemoryMessage(topic, partition, None, None, None, None, 0, err))
+            self._bump(group)
+
+    def expire(self, member: MemoryConsumer) -> None:
+        """End ``member``'s session as Kafka does when it stops polling past
+        ``max.poll.interval.ms``: the group hands its partitions to the others at once; its
+        next ``consume()`` runs ``on_lost`` (``on_revoke`` when unset), returns a
+        ``_MAX_POLL_EXCEEDED`` error, and the member joins again."""
+        with self._cond:
+            members = self._groups.get(member.group_id, [])
+            if member not in members:
+                raise ValueError("the consumer is not a member of its group")
+            members.remove(member)
+            member._lost, member._target = True, set()
+            self._rebalance(member.group_id)
 
     def _create(self, name: str, partitions: int) -> None:
         self._topics[name] = [[] for _ in range(partitions)]
-        for group in self._groups:
-            self._rebalance(group)
+        for group, members in self._groups.items():
+            if any(member._subscribes(name) for member in members):
+                self._rebalance(group)
 
     def _produce(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
                  headers: Headers | None, timestamp: int,
@@ -220,54 +298,88 @@ class MemoryBroker:
             elif partition >= len(parts):
                 raise KafkaException(KafkaError(
                     KafkaError._UNKNOWN_PARTITION, "Unable to produce message: Unknown partition"))
-            count, code = self._failures.get(topic, (0, 0))
-            if count:
-                self._failures[topic] = (count - 1, code)
-                return MemoryMessage(topic, partition, None, key, value, headers, timestamp,
-                                     KafkaError(code))
+            if self._failures:
+                count, error = self._failures.get(topic, (0, None))
+                if count:
+                    self._failures[topic] = (count - 1, error)
+                    return MemoryMessage(topic, partition, None, key, value, headers, timestamp,
+                                         error)
             log = parts[partition]
             log.append(MemoryMessage(topic, partition, len(log), key, value, headers, timestamp))
             self._cond.notify_all()
             return log[-1]
 
+    def _bump(self, group: str) -> None:
+        self._epochs[group] = self._epochs.get(group, 0) + 1
+        self._cond.notify_all()
+
     def _rebalance(self, group: str) -> None:
-        """Give each topic's partitions evenly to the members subscribed to it, moving as few
-        as possible: each member keeps what it already had up to its share (sticky)."""
+        """Give each topic's partitions to the members subscribed to it, by the group's
+        protocol (its first member's), and tell every member to take part."""
         members = self._groups.get(group, [])
+        assign = _range if members and members[0]._eager else _sticky
         targets: dict[MemoryConsumer, set[_TP]] = {member: set() for member in members}
         for topic, parts in self._topics.items():
             subs = [member for member in members if member._subscribes(topic)]
-            if not subs:
-                continue
-            held = {m: sorted(p for t, p in m._target if t == topic) for m in subs}
-            ranked = sorted(subs, key=lambda m: -len(held[m]))
-            share, extra = divmod(len(parts), len(subs))
-            quotas = {m: share + (rank < extra) for rank, m in enumerate(ranked)}
-            kept = {m: held[m][:quotas[m]] for m in ranked}
-            free = iter(sorted(set(range(len(parts))).difference(*kept.values())))
-            for m in ranked:
-                kept[m] += itertools.islice(free, quotas[m] - len(kept[m]))
-                targets[m].update((topic, p) for p in kept[m])
+            if subs:
+                for member, kept in assign(topic, len(parts), subs).items():
+                    targets[member].update((topic, p) for p in kept)
         for member, target in targets.items():
             member._target = target
-        self._cond.notify_all()
+            member._rejoin = True
+        self._bump(group)
+
+
+def _range(topic: str, partitions: int, subs: list[MemoryConsumer]) -> dict[MemoryConsumer, list[int]]:
+    """The range assignor: consecutive partitions to the members in join order, the first
+    ones taking one more when the count does not divide."""
+    share, extra = divmod(partitions, len(subs))
+    out, first = {}, 0
+    for rank, member in enumerate(subs):
+        count = share + (rank < extra)
+        out[member] = list(range(first, first + count))
+        first += count
+    return out
+
+
+def _sticky(topic: str, partitions: int, subs: list[MemoryConsumer]) -> dict[MemoryConsumer, list[int]]:
+    """An even share for every member, moving as few partitions as possible: each member
+    keeps what it already had up to its share."""
+    held = {m: sorted(p for t, p in m._target if t == topic) for m in subs}
+    ranked = sorted(subs, key=lambda m: -len(held[m]))
+    share, extra = divmod(partitions, len(subs))
+    quotas = {m: share + (rank < extra) for rank, m in enumerate(ranked)}
+    kept: dict[MemoryConsumer, list[int]] = {}
+    taken: set[int] = set()
+    for m in ranked:
+        kept[m] = [p for p in held[m] if p not in taken][:quotas[m]]
+        taken.update(kept[m])
+    free = iter(sorted(set(range(partitions)).difference(*kept.values())))
+    for m in ranked:
+        kept[m] += itertools.islice(free, quotas[m] - len(kept[m]))
+    return kept
 
 
 class MemoryConsumer:
     """A consumer-group member with the ``confluent_kafka.Consumer`` interface.
 
-    Partitions move incrementally (cooperative): a partition leaves its old owner, through
-    that owner's ``on_revoke`` inside its own ``consume()``, before the new owner's
-    ``on_assign`` hands it over, so two members never hold one partition.
+    A partition leaves its old owner, through that owner's ``on_revoke`` inside its own
+    ``consume()``, before the new owner's ``on_assign`` hands it over, so two members never
+    hold one partition.
     """
 
     def __init__(self, broker: MemoryBroker, config: Mapping[str, Any]) -> None:
-        self.group_id = config.get("group.id")
+        self.group_id: str = config.get("group.id") or ""
         if not self.group_id:
             raise ValueError("Failed to create consumer: group.id must be set")
         reset = str(config.get("auto.offset.reset", "latest")).lower()
         if reset not in _RESETS:
             raise _invalid("auto.offset.reset", reset)
+        strategy = str(config.get("partition.assignment.strategy", "range,roundrobin"))
+        names = {name.strip() for name in strategy.split(",")}
+        if not names <= _STRATEGIES or ("cooperative-sticky" in names and len(names) > 1):
+            raise _invalid("partition.assignment.strategy", strategy)
+        self._eager = "cooperative-sticky" not in names
         self._earliest = _RESETS[reset]
         self._auto_store = _flag(config, "enable.auto.offset.store", True)
         self._auto_commit = _flag(config, "enable.auto.commit", True)
@@ -276,32 +388,55 @@ class MemoryConsumer:
         self._subscription: list[str] = []
         self._on_assign: Callback | None = None
         self._on_revoke: Callback | None = None
+        self._on_lost: Callback | None = None
         self._target: set[_TP] = set()  # what the group gives this member
         self._owned: set[_TP] = set()  # what it has taken over through on_assign
         self._position: dict[_TP, int] = {}
         self._stored: dict[_TP, int] = {}
+        # Kept across revocations: librdkafka keeps the application's pause flag on its
+        # partition object, which outlives the assignment.
         self._paused: set[_TP] = set()
+        self._errors: deque[MemoryMessage] = deque()
+        self._rejoin = False  # the group rebalanced: revoke (all, if eager), then on_assign
+        self._assign_due = False  # an on_assign is owed for the last rebalance
+        self._lost = False  # expired: on_lost, then join again
+        self._epoch = -1  # the group epoch last served
         self._cursor = 0
         self._closed = False
 
     def subscribe(self, topics: list[str], on_assign: Callback | None = None,
                   on_revoke: Callback | None = None, on_lost: Callback | None = None) -> None:
-        """Join the group for ``topics`` (names, or regexes starting with ``^``).
-
-        ``on_lost`` is accepted but never called: an in-memory member cannot lose its session.
-        """
+        """Join the group for ``topics`` (names, or regexes starting with ``^``); a named
+        topic that does not exist is reported once as an ``UNKNOWN_TOPIC_OR_PART`` error."""
         self._check()
         with self._cond:
             self._subscription = list(topics)
-            self._on_assign, self._on_revoke = on_assign, on_revoke
-            members = self._broker._groups.setdefault(self.group_id, [])
-            if self not in members:
-                members.append(self)
-            self._broker._rebalance(self.group_id)
+            self._on_assign, self._on_revoke, self._on_lost = on_assign, on_revoke, on_lost
+            for topic in topics:
+                if not topic.startswith("^") and topic not in self._broker._topics:
+                    self._errors.append(MemoryMessage(topic, 0, None, None, None, None, 0, KafkaError(
+                        KafkaError.UNKNOWN_TOPIC_OR_PART, f"Subscribed topic not available: {topic}:"
+                        " Broker: Unknown topic or partition")))
+            self._join()
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        """Read these partitions outside any group rebalance, each from its ``offset``
+        (logical offsets too; ``OFFSET_INVALID`` starts at the committed offset)."""
+        self._check()
+        with self._cond:
+            for tp in partitions:
+                if tp.topic not in self._broker._topics:
+                    raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, f"Unknown topic {tp.topic}"))
+            self._owned = {(tp.topic, tp.partition) for tp in partitions}
+            self._target = set(self._owned)
+            self._position = {(tp.topic, tp.partition): self._start((tp.topic, tp.partition), tp.offset)
+                              for tp in partitions}
+            self._cond.notify_all()
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[MemoryMessage]:
         """Up to ``num_messages`` records, round-robin over the assigned, unpaused partitions,
-        waiting at most ``timeout`` seconds (-1: forever) for the first; [] on timeout."""
+        waiting at most ``timeout`` seconds (-1: forever) for the first; [] on timeout.
+        Rebalance callbacks due run first."""
         self._check()
         if not 0 <= num_messages <= 1_000_000:
             raise ValueError("num_messages must be between 0 and 1000000 (1M)")
@@ -310,19 +445,21 @@ class MemoryConsumer:
             with self._cond:
                 self._commit_stored(None)
         while True:
-            self._serve_rebalance()
+            if self._epoch != self._broker._epochs.get(self.group_id, 0):
+                lost = self._serve_rebalance()
+                if lost is not None:
+                    return [lost]
             with self._cond:
-                batch = self._fetch(num_messages)
+                batch = self._fetch(num_messages) if not self._errors else self._take_errors(num_messages)
                 if batch or not num_messages:
                     return batch
                 # Checked under the lock so a rebalance notified just before is not slept through.
-                if any(self._moves()):
+                if self._epoch != self._broker._epochs.get(self.group_id, 0):
                     continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-
     def poll(self, timeout: float | None = None) -> MemoryMessage | None:
         """One record, or None after ``timeout`` seconds (None or -1: forever)."""
         batch = self.consume(1, -1 if timeout is None else timeout)
@@ -433,7 +570,7 @@ class MemoryConsumer:
         if self._closed:
             return
         with self._cond:
-            owned = set(self._owned)
+            owned = set(self._owned) if self._subscription else set()
         try:
             if owned and self._on_revoke:
                 self._on_revoke(self, _tps(owned))
@@ -456,35 +593,61 @@ class MemoryConsumer:
         return any(topic == name or (name.startswith("^") and re.match(name, topic))
                    for name in self._subscription)
 
-    def _moves(self) -> tuple[set[_TP], set[_TP]]:
-        """(to revoke, to assign now); a partition still held by another member waits."""
-        others = (m._owned for m in self._broker._groups.get(self.group_id, []) if m is not self)
-        return self._owned - self._target, self._target - self._owned - set().union(*others)
+    def _join(self) -> None:
+        members = self._broker._groups.setdefault(self.group_id, [])
+        if self not in members:
+            members.append(self)
+        self._broker._rebalance(self.group_id)
 
-    def _serve_rebalance(self) -> None:
+    def _take_errors(self, limit: int) -> list[MemoryMessage]:
+        errors = self._errors
+        return [errors.popleft() for _ in range(min(limit, len(errors)))]
+
+    def _serve_rebalance(self) -> MemoryMessage | None:
+        """Run what the group asks of this member, callbacks outside the lock: on an expired
+        session ``on_lost`` and the error to return; else the revocation, then ``on_assign``."""
         with self._cond:
-            revoke, _ = self._moves()
+            self._epoch = self._broker._epochs.get(self.group_id, 0)
+            lost = self._lost
+            if lost:
+                revoke, self._lost, self._rejoin = set(self._owned), False, False
+            elif self._rejoin:
+                revoke = set(self._owned) if self._eager else self._owned - self._target
+                self._rejoin, self._assign_due = False, True
+            else:
+                revoke = self._owned - self._target
         if revoke:
+            callback = self._on_lost or self._on_revoke if lost else self._on_revoke
             try:
-                if self._on_revoke:
-                    self._on_revoke(self, _tps(revoke))
+                if callback:
+                    callback(self, _tps(revoke))
             finally:
                 with self._cond:
-                    if self._auto_commit:
+                    if self._auto_commit and not lost:
                         self._commit_stored(revoke)
                     self._owned -= revoke
-                    self._paused -= revoke
                     for key in revoke:
                         self._position.pop(key, None)
                         self._stored.pop(key, None)
-                    self._cond.notify_all()
+                    self._broker._bump(self.group_id)
+        if lost:
+            with self._cond:
+                self._join()
+            return MemoryMessage("", None, None, None, None, None, 0, KafkaError(
+                KafkaError._MAX_POLL_EXCEEDED, "Application maximum poll interval exceeded"))
         with self._cond:
-            _, assign = self._moves()
+            others = (m._owned for m in self._broker._groups.get(self.group_id, []) if m is not self)
+            wanted = self._target - self._owned
+            assign = wanted - set().union(*others)
+            if self._eager and assign != wanted:
+                return None  # an eager member gets its assignment whole, once the others let go
+            announce, self._assign_due = self._assign_due, False
             for key in assign:
                 self._position[key] = self._start(key, OFFSET_STORED)
             self._owned |= assign
-        if assign and self._on_assign:
+        if (assign or announce) and self._on_assign:
             self._on_assign(self, _tps(assign))
+        return None
 
     def _start(self, key: _TP, offset: int) -> int:
         high = len(self._broker._topics[key[0]][key[1]])
@@ -540,6 +703,13 @@ class MemoryProducer:
         if name not in _PARTITIONERS:
             raise _invalid("partitioner", name)
         self._partitioner = _PARTITIONERS[name]
+        max_bytes = config.get("message.max.bytes", 1_000_000)
+        try:
+            self._max_bytes = int(max_bytes)
+        except ValueError:
+            raise _invalid("message.max.bytes", max_bytes) from None
+        if not 1000 <= self._max_bytes <= 1_000_000_000:
+            raise _invalid("message.max.bytes", max_bytes)
         self._broker = broker
         self._default_callback = config.get("on_delivery")
         self._reports: deque[tuple[Callable[[Any, Any], None] | None, MemoryMessage]] = deque()
@@ -549,10 +719,17 @@ class MemoryProducer:
                 on_delivery: Callable[[Any, Any], None] | None = None, timestamp: int = 0,
                 headers: Headers | Mapping[str, Any] | None = None, *,
                 callback: Callable[[Any, Any], None] | None = None) -> None:
-        """Append a record (str is UTF-8 encoded) and queue its delivery report."""
-        msg = self._broker._produce(topic, partition, _bytes(key), _bytes(value),
-                                    _headers(headers), timestamp or int(time.time() * 1000),
-                                    self._partitioner)
+        """Append a record (str is UTF-8 encoded) and queue its delivery report; a record
+        over ``message.max.bytes`` raises ``MSG_SIZE_TOO_LARGE`` here, as librdkafka does."""
+        key, value, headers = _bytes(key), _bytes(value), _headers(headers)
+        size = _RECORD_OVERHEAD + (len(key) if key else 0) + (len(value) if value else 0)
+        if headers:
+            size += _headers_size(headers)
+        if size > self._max_bytes:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE,
+                                            "Unable to produce message: Broker: Message size too large"))
+        msg = self._broker._produce(topic, partition, key, value, headers,
+                                    timestamp or int(time.time() * 1000), self._partitioner)
         with self._cond:
             self._reports.append((on_delivery or callback or self._default_callback, msg))
             self._cond.notify_all()
