@@ -445,3 +445,28 @@ def test_named_transports_share_one_broker_and_admin_reports_topics():
     assert admin.create_topics([("shared", 2, 1)]) == {"shared": "created"}
     assert second.admin({}).create_topics([("shared", 5, 1)]) == {"shared": "exists"}
     assert second.admin({}).list_topics()["shared"] == 2
+
+
+def test_fail_deliveries_reports_the_error_given_with_its_flags(transport):
+    fatal = KafkaError(KafkaError._FATAL, "fenced", fatal=True)
+    transport.broker.fail_deliveries("orders", 1, fatal)
+    reports = []
+    producer = transport.producer({})
+    producer.produce("orders", value=b"x", on_delivery=lambda err, msg: reports.append(err))
+    producer.flush()
+    [err] = reports
+    assert err is fatal and err.fatal()
+    assert transport.broker.records("orders") == []
+
+
+def test_injected_consumer_errors_come_before_messages_once(transport):
+    c = consumer(transport)
+    c.subscribe(["orders"])
+    c.consume(1, 0)
+    transport.broker.inject_consumer_error("g", KafkaError._TRANSPORT, topic="orders", partition=0)
+    produce(transport, 1)
+    [err] = c.consume(10, 0)
+    assert err.error().code() == KafkaError._TRANSPORT and not err.error().fatal()
+    assert (err.topic(), err.partition(), err.offset()) == ("orders", 0, None)
+    [msg] = drain(c, 1)
+    assert msg.error() is None
