@@ -3,7 +3,8 @@
 Every contender decodes the same bytes into the same msgspec type, the order pipeline's own
 ``PedidoNovo`` contract, and encodes the same small result. Importable from the peers'
 virtual environments too (it needs msgspec only): outside the project's venv the contract
-is loaded from ``plugins/contracts.py`` by path.
+and the header names are loaded from ``plugins/contracts.py`` and ``kafkaworkers/headers.py``
+by path.
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ import msgspec
 __all__ = ["PedidoNovo", "PedidoProcessado", "fails_once", "make_order", "order_stream", "process"]
 
 ROOT = Path(__file__).resolve().parent.parent
-CORRELATION_HEADER = "kw-correlation-id"
 
 
-def _load_contracts():
+def _load(module: str, path: str):
+    """``module`` as installed in the project's venv, else the source file at ``path`` (a peer's venv)."""
     try:
-        from kafkaworkers_orders import contracts  # the installed order plugins (project venv)
+        return importlib.import_module(module)
     except ImportError:
-        spec = importlib.util.spec_from_file_location("bench_contracts", ROOT / "plugins" / "contracts.py")
-        contracts = importlib.util.module_from_spec(spec)
-        sys.modules["bench_contracts"] = contracts
-        spec.loader.exec_module(contracts)
-    return contracts
+        name = f"bench_{path.replace('/', '_').removesuffix('.py')}"
+        spec = importlib.util.spec_from_file_location(name, ROOT / path)
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
 
 
-contracts = _load_contracts()
+contracts = _load("kafkaworkers_orders.contracts", "plugins/contracts.py")
+CORRELATION_HEADER = _load("kafkaworkers.headers", "kafkaworkers/headers.py").H_CORRELATION_ID
 PedidoNovo = contracts.PedidoNovo
 ProcessoPicking = contracts.ProcessoPicking
 

@@ -6,7 +6,6 @@ naming the problem and what to do, and exits non-zero without a traceback.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -18,19 +17,14 @@ import click
 import msgspec
 
 from kafkaworkers import __version__
-from kafkaworkers.clikit import (
-    EXIT_ERROR,
-    OneLineErrors,
-    admin_config,
-    load_cli_settings,
-    plugin_host,
-    settings_options,
-)
-from kafkaworkers.config_cli import config
+from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
+from kafkaworkers.config import DEFAULT_PARTITIONS, admin_config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
+from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers.plugins import PluginHost, type_name
 from kafkaworkers.producer import create_producer
+from kafkaworkers.producer import produce as send
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers.transports import MEMORY_URL, transport_for
 
@@ -86,14 +80,10 @@ def run(
                 ready=lambda: worker.ready,
             ).start()
         except OSError as exc:
-            # A port in use or reserved is the port's fault; any other failure (not an address
-            # of this machine, a name that does not resolve) is the host's.
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                hint = "pick another --metrics-port (0 turns it off)"
-            else:
-                hint = "pick a --metrics-host of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
-            where = f"{settings.metrics_host}:{settings.metrics_port}"
-            raise KafkaWorkersError(f"cannot serve metrics on {where}: {exc.strerror or exc}; {hint}") from None
+            raise KafkaWorkersError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
+                " pick another --metrics-port (0 turns it off)"
+            ) from None
         click.echo(f"metrics and probes on http://{server.host}:{server.port}/metrics", err=True)
     signals = {"count": 0}
 
@@ -159,28 +149,48 @@ def topics() -> None:
 
 
 @topics.command("create")
-@click.option("--partitions", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--partitions", type=click.IntRange(1), default=DEFAULT_PARTITIONS, show_default=True)
 @click.option("--replication-factor", type=click.IntRange(1), default=1, show_default=True)
 @settings_options
 @click.pass_context
 def topics_create(
     ctx: click.Context, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
 ) -> None:
-    """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent)."""
+    """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent).
+
+    A topic that already exists is left as it is; one with another partition count than
+    asked is flagged, since its keys would not spread (or, for a retry topic, not line up
+    with its source) as the operator expects.
+    """
     host = plugin_host(ctx)
     settings = load_cli_settings(config_file, **overrides)
     names: set[str] = set()
     for plugin in host.plugins.values():
         group = settings.group_for(plugin.name)
         names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
-        names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
+        if plugin.retry.mode == "topics":
+            names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
     admin = transport_for(settings.bootstrap_servers).admin(admin_config(settings))
+    before = admin.list_topics()
     result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])
+    mismatched = 0
     for name, status in sorted(result.items()):
-        click.echo(f"{status:8} {name}")
-    click.echo(
-        f"{sum(s == 'created' for s in result.values())} created, {sum(s == 'exists' for s in result.values())} existed"
-    )
+        count = before.get(name, partitions)
+        if status == "exists" and count != partitions:
+            mismatched += 1
+            click.echo(f"{status:8} {name}  with {count} partition{'s' * (count != 1)}, asked {partitions}")
+        else:
+            click.echo(f"{status:8} {name}")
+    created = sum(s == "created" for s in result.values())
+    click.echo(f"{created} created, {len(result) - created} existed")
+    if mismatched:
+        click.echo(
+            f"{mismatched} existing topic(s) have another partition count than asked; kafkaworkers never resizes"
+            f" a topic. To grow one: kafka-topics.sh --bootstrap-server {settings.bootstrap_servers} --alter"
+            f" --topic NAME --partitions {partitions} (keys written from then on may land on other partitions);"
+            " Kafka cannot shrink one: delete it and run this command again, once it is drained.",
+            err=True,
+        )
 
 
 @cli.command()
@@ -219,8 +229,8 @@ def produce(
         if key_field:
             raw_key = msgspec.to_builtins(value).get(key_field) if hasattr(value, "__struct_fields__") else None
             key = str(raw_key).encode() if raw_key is not None else None
-        headers = [("kw-correlation-id", uuid.uuid4().hex.encode())]
-        producer.produce(topic, encoder.encode(value), key, headers=headers, on_delivery=on_delivery)
+        headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
+        send(producer, topic, encoder.encode(value), key, headers, on_delivery)
         producer.poll(0)
         sent += 1
     remaining = producer.flush(30)
@@ -253,11 +263,7 @@ def topology(ctx: click.Context, fmt: str) -> None:
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds before giving up.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--bootstrap-servers", "-b", help="A real broker; default: the embedded in-memory broker.")
-@click.option(
-    "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
-    help="Least severe level logged [default WARNING].",
-)
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -294,7 +300,6 @@ def _topic_type(host: PluginHost, topic: str) -> type:
 
 
 cli.add_command(dlq)
-cli.add_command(config)
 
 
 def main(argv: list[str] | None = None) -> None:

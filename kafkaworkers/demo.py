@@ -1,10 +1,11 @@
 """``kafkaworkers demo``: run an installed scenario end to end and judge the result.
 
 The framework knows nothing about what a scenario does. A distribution provides one through
-the ``kafkaworkers_demo_scenario`` hook: which plugins to run, the input messages, which
-topics to watch, and how to judge what it saw. The demo runs those plugins in a worker
-thread, publishes the input, feeds every watched message to the scenario until it says it
-is finished (or the timeout passes), then prints its report.
+the ``kafkaworkers_demo_scenario`` hook: which plugins to run and with which settings for the
+size of the run, the input messages, which topics to watch, and how to judge what it saw.
+The demo runs those plugins in a worker thread, publishes the input, feeds every watched
+message to the scenario until it says it is finished (or the timeout passes), then prints
+its report.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
-from kafkaworkers.config import Settings
+from kafkaworkers.config import Settings, admin_config
 from kafkaworkers.consumer import create_consumer, watermarks
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
-from kafkaworkers.producer import create_producer
-from kafkaworkers.transports import Producer, TopicPartition, Transport, transport_for
+from kafkaworkers.producer import create_producer, produce
+from kafkaworkers.transports import Headers, Producer, TopicPartition, Transport, transport_for
 from kafkaworkers.worker import Worker
 
 __all__ = ["DemoReport", "DemoScenario", "run_demo"]
@@ -47,7 +49,12 @@ class DemoScenario(Protocol):
     #: Topics whose messages :meth:`observe` receives.
     watch: list[str]
 
-    def generate(self, count: int, seed: int) -> Iterable[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]:
+    def prepare(self, count: int, data_dir: Path) -> dict[str, dict[str, Any]]:
+        """Get ready for ``count`` units of work (files may go under ``data_dir``, which lives as
+        long as the run); return the ``[plugins.NAME]`` settings the plugins need for them."""
+        ...
+
+    def generate(self, count: int, seed: int) -> Iterable[tuple[str, bytes | None, bytes, Headers]]:
         """The input: (topic, key, value, headers) for ``count`` units of work."""
         ...
 
@@ -73,14 +80,21 @@ def run_demo(
         raise KafkaWorkersError("no demo scenario is installed; install a distribution that provides one")
     plugins = host.select(scenario.plugins)
     transport = transport_for(settings.bootstrap_servers)
-    admin = transport.admin({**settings.kafka, "bootstrap.servers": settings.bootstrap_servers})
+    admin = transport.admin(admin_config(settings))
     topics = sorted({t for p in plugins for t in [*p.subscriptions, *p.produced]})
     admin.create_topics([(t, partitions, 1) for t in topics])
 
     with tempfile.TemporaryDirectory(prefix="kafkaworkers-demo-") as data_dir:
+        # The scenario's plugin settings win over the user's: it plans against them.
+        plugin_settings = settings.plugins | {
+            name: settings.plugin_config(name) | config
+            for name, config in scenario.prepare(count, Path(data_dir)).items()
+        }
         # Fresh groups that start at the end of every topic: on a shared broker the demo
         # neither replays old history nor takes work away from the real services' groups.
-        settings = _replace(settings, data_dir=data_dir, group_prefix=f"demo-{uuid.uuid4().hex[:8]}-")
+        settings = _replace(
+            settings, data_dir=data_dir, group_prefix=f"demo-{uuid.uuid4().hex[:8]}-", plugins=plugin_settings
+        )
         watch_group = settings.group_for("watcher")
         groups = {settings.group_for(p.name): list(p.subscriptions) for p in plugins}
         _start_at_end(settings, transport, {**groups, watch_group: scenario.watch}, admin.list_topics())
@@ -133,14 +147,9 @@ def _start_at_end(
             consumer.close()
 
 
-def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
     for topic, key, value, headers in inputs:
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce(producer, topic, value, key, headers)
     if producer.flush(30):
         raise KafkaWorkersError("the demo's orders could not be delivered to the broker within 30 s")
 

@@ -11,18 +11,28 @@ Reading
     group and never commits, so reading changes nothing and never competes with a worker.
 
 Replaying
-    A dead letter is re-published to the topic it originally came from
-    (``kw-original-topic``), on its original partition when that still exists, with the same
-    key and value. Its own headers are kept (and ``kw-correlation-id``); every other
-    ``kw-*`` failure header is dropped, so the worker handles it as a first attempt. Two
-    audit headers are added: ``kw-replayed-from`` (``<dlq topic>:<partition>:<offset>``) and
-    ``kw-replayed-at`` (epoch milliseconds).
+    A dead letter goes back to the group that failed it and to no other: it is re-published,
+    with the same key and value, to the group's first retry topic (``<group>-retry-1``),
+    which only that group's worker reads. It carries what the retry consumer needs to hand it
+    to the handler of its original topic at once: the ``kw-original-*`` headers and a
+    ``kw-due-at`` of now. It carries no ``kw-attempt``: a replay is a fresh start, so the
+    handler sees ``ctx.attempt == 1`` and, should it fail again, the message goes through
+    every retry of the plugin's policy before it is dead-lettered anew (with the same
+    ``kw-original-*`` origin).
 
-    Note that the original topic is shared: every consumer group reading it (not only the
-    plugin whose dead letter it was) sees the replayed message again. Handlers are
-    at-least-once, so they must tolerate that; the header ``kw-replayed-from`` tells them.
-    A dead letter cut by the worker (``kw-value-truncated``) is never replayed, since its
-    value is incomplete; the original is in the source topic at the offset its headers name.
+    A group without retry topics (a plugin whose ``RetryPolicy`` has no delays, or retries in
+    place with ``mode="pause"``) has no topic of its own to replay into: replay says so and
+    publishes nothing, rather than fall back to the shared topic behind the operator's back.
+    ``--to original`` re-publishes on the topic the letter originally came from, on its
+    original partition when that still exists, as a first attempt; that topic is shared, so
+    every consumer group reading it (not only the plugin whose dead letter it was) handles
+    the message again.
+
+    Either way the message's own headers are kept (and ``kw-correlation-id``), every other
+    ``kw-*`` failure header is dropped, and two audit headers are added: ``kw-replayed-from``
+    (``<dlq topic>:<partition>:<offset>``) and ``kw-replayed-at`` (epoch milliseconds). A
+    dead letter cut by the worker (``kw-value-truncated``) is never replayed, since its value
+    is incomplete; the original is in the source topic at the offset its headers name.
 
 The replay ledger: why a compacted topic
     Replaying twice must not deliver twice, so each replay is recorded in
@@ -54,36 +64,49 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import click
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from kafkaworkers.api import CORRELATION_HEADER
-from kafkaworkers.clikit import OneLineErrors, admin_config, load_cli_settings, plugin_host, settings_options
-from kafkaworkers.config import Settings
+from kafkaworkers.clikit import OneLineErrors, load_cli_settings, plugin_host, settings_options
+from kafkaworkers.config import Settings, admin_config
 from kafkaworkers.consumer import consumer_config, watermarks
 from kafkaworkers.errors import BrokerUnavailable, KafkaWorkersError, PluginError
-from kafkaworkers.headers import H_EXCEPTION, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC
+from kafkaworkers.headers import (
+    H_CORRELATION_ID,
+    H_DUE,
+    H_EXCEPTION,
+    H_ORIGINAL_OFFSET,
+    H_ORIGINAL_PARTITION,
+    H_ORIGINAL_TIMESTAMP,
+    H_ORIGINAL_TOPIC,
+    H_REPLAYED_AT,
+    H_REPLAYED_FROM,
+    H_TRUNCATED,
+    PREFIX,
+    number,
+)
 from kafkaworkers.plugins import PluginHost
-from kafkaworkers.producer import create_producer
-from kafkaworkers.retry import dlq_topic
+from kafkaworkers.producer import create_producer, produce
+from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers.transports import Transport, transport_for
 
 __all__ = [
-    "H_REPLAYED_AT",
-    "H_REPLAYED_FROM",
     "DeadLetter",
+    "ReplayIncomplete",
     "ReplayReport",
+    "ReplayTarget",
     "dlq",
     "ledger_topic",
     "read_dead_letters",
     "replay",
 ]
 
-H_REPLAYED_FROM = "kw-replayed-from"
-H_REPLAYED_AT = "kw-replayed-at"
-H_TRUNCATED = "kw-value-truncated"
+#: Where replayed letters go: the failing group's first retry topic, or the shared original topic.
+ReplayTarget = Literal["group", "original"]
+#: The headers that tell the retry consumer where a message came from, hence which handler runs it.
+_ORIGIN = (H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET, H_ORIGINAL_TIMESTAMP)
 
 #: Seconds a read may go without receiving anything before the broker is declared unreachable.
 READ_TIMEOUT = 60.0
@@ -131,8 +154,9 @@ class DeadLetter:
 
     @property
     def original_partition(self) -> int | None:
+        """The partition the message was first consumed from, if the headers name one."""
         raw = self.header(H_ORIGINAL_PARTITION)
-        return int(raw) if raw and raw.isdigit() else None
+        return number(raw) if raw else None
 
     @property
     def exception(self) -> str:
@@ -298,6 +322,7 @@ class ReplayReport:
 
     dlq_topic: str
     group: str
+    to: ReplayTarget = "group"
     matched: int = 0
     replayed: int = 0
     already_replayed: int = 0
@@ -312,6 +337,7 @@ class ReplayReport:
     def counts(self) -> dict[str, Any]:
         return {
             "dlq_topic": self.dlq_topic,
+            "to": self.to,
             "dry_run": self.dry_run,
             "matched": self.matched,
             "replayed": self.replayed,
@@ -329,42 +355,61 @@ def replay(
     settings: Settings,
     group: str,
     *,
+    to: ReplayTarget = "group",
     exception: str | None = None,
     since_ms: int | None = None,
     limit: int | None = None,
     dry_run: bool = False,
     transport: Transport | None = None,
 ) -> ReplayReport:
-    """Re-publish a group's dead letters to their original topics, each at most once.
+    """Re-publish a group's dead letters, each at most once, for that group alone by default.
 
+    :param to: ``"group"``: into the group's first retry topic, handled again by that group
+        only, as a fresh start of its retries; ``"original"``: back on each letter's original
+        topic, handled again by every group that reads it.
     :param exception: only letters whose ``kw-exception`` is this type (full or last dotted name).
     :param since_ms: only letters dead-lettered at or after this time (epoch milliseconds).
     :param limit: replay at most this many.
     :param dry_run: find and count only; publish and record nothing.
+    :raises KafkaWorkersError: the group's dead-letter topic, or (``to="group"``) its first
+        retry topic, does not exist.
     """
     transport = transport or transport_for(settings.bootstrap_servers)
     topics = _list_topics(settings, transport)
     source = dlq_topic(group)
+    if source not in topics:
+        raise KafkaWorkersError(
+            f"dead-letter topic {source} does not exist: group {group} has dead-lettered nothing"
+            " (if the plugin runs under another group, pass its --group-id)"
+        )
+    retry = retry_topic(group, 1)
+    if to == "group" and retry not in topics:
+        raise KafkaWorkersError(
+            f"group {group} has no retry topic {retry} to replay into (its plugin retries nothing, or its"
+            " topics were never created); pass --to original to re-publish on the original topics,"
+            " where every group reading them handles the letters again"
+        )
     ledger_name = ledger_topic(group)
-    report = ReplayReport(source, group, dry_run=dry_run)
+    report = ReplayReport(source, group, to, dry_run=dry_run)
     ledger = read_ledger(settings, group, transport=transport, partitions=topics.get(ledger_name, 0))
-    for letter in read_dead_letters(settings, source, transport=transport, partitions=topics.get(source, 0)):
+    for letter in read_dead_letters(settings, source, transport=transport, partitions=topics[source]):
         if exception is not None and not _exception_matches(letter.exception, exception):
             continue
         if since_ms is not None and letter.timestamp_ms < since_ms:
             continue
         report.matched += 1
-        target = letter.original_topic
+        origin = letter.original_topic
         if _already_replayed(letter, ledger):
             report.already_replayed += 1
-        elif target is None or target not in topics:
+        elif origin is None or (to == "original" and origin not in topics):
+            # Without a valid origin the retry consumer would find no handler either.
             report.unroutable += 1
         elif letter.truncated:
             report.truncated += 1
         elif limit is not None and len(report.planned) >= limit:
             report.over_limit += 1
         else:
-            report.planned.append((letter, target))
+            report.planned.append((letter, retry if to == "group" else origin))
     if dry_run or not report.planned:
         return report
 
@@ -374,9 +419,11 @@ def replay(
     failed: list[str] = []
     now_ms = int(time.time() * 1000)
     for letter, target in report.planned:
-        partition = letter.original_partition
-        if partition is None or partition >= topics[target]:
-            partition = -1
+        partition = -1  # into a retry topic by key, as the worker's own retries go
+        if to == "original":
+            partition = letter.original_partition if letter.original_partition is not None else -1
+            if partition >= topics[target]:
+                partition = -1
 
         def delivered(err: Any, msg: Any, letter: DeadLetter = letter) -> None:
             if err is None:
@@ -384,7 +431,8 @@ def replay(
             else:
                 failed.append(err.str())
 
-        _produce(producer, target, letter.value, letter.key, replay_headers(letter, now_ms), delivered, partition)
+        headers = replay_headers(letter, now_ms, into_retry=to == "group")
+        produce(producer, target, letter.value, letter.key, headers, delivered, partition)
     _flush(producer)
     report.replayed = len(acked)
     report.failed = len(report.planned) - len(acked)
@@ -401,7 +449,7 @@ def replay(
     for letter, where in acked:
         entry = {"replayed_at_ms": now_ms, "to": where, "dlq_timestamp_ms": letter.timestamp_ms,
                  "exception": letter.exception}  # fmt: skip
-        _produce(producer, ledger_name, json.dumps(entry).encode(), letter.ref.encode(), [], noted, -1)
+        produce(producer, ledger_name, json.dumps(entry).encode(), letter.ref.encode(), None, noted)
     _flush(producer)
     report.unrecorded = len(acked) - len(recorded)
     if report.failed or report.unrecorded:
@@ -422,25 +470,22 @@ class ReplayIncomplete(BrokerUnavailable):
         self.report = report
 
 
-def replay_headers(letter: DeadLetter, now_ms: int) -> list[tuple[str, bytes | None]]:
-    """The replayed copy's headers: the message's own, its correlation id, and the audit pair."""
-    kept = [(k, v) for k, v in letter.headers if not k.startswith("kw-") or k == CORRELATION_HEADER]
+def replay_headers(letter: DeadLetter, now_ms: int, *, into_retry: bool) -> list[tuple[str, bytes | None]]:
+    """The replayed copy's headers: the message's own, its correlation id, and the audit pair.
+
+    Into a retry topic also its origin and a due time of now, so that the retry consumer
+    hands it at once to the handler of its original topic; no attempt count, so that it
+    starts its retries afresh.
+    """
+    kept = [(k, v) for k, v in letter.headers if not k.startswith(PREFIX) or k == H_CORRELATION_ID]
+    if into_retry:
+        kept += [(name, value) for name in _ORIGIN if (value := letter.header(name)) is not None]
+        kept.append((H_DUE, str(now_ms).encode()))
     return [*kept, (H_REPLAYED_FROM, letter.ref.encode()), (H_REPLAYED_AT, str(now_ms).encode())]
 
 
 def _exception_matches(recorded: str, wanted: str) -> bool:
     return recorded == wanted or recorded.rsplit(".", 1)[-1] == wanted
-
-
-def _produce(producer: Any, topic: str, value: bytes | None, key: bytes | None, headers: list[Any],
-             on_delivery: Any, partition: int) -> None:  # fmt: skip
-    while True:
-        try:
-            producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery, headers=headers or None)
-            break
-        except BufferError:
-            producer.poll(0.1)
-    producer.poll(0)
 
 
 def _flush(producer: Any, timeout: float = 120.0) -> None:
@@ -454,11 +499,6 @@ def _flush(producer: Any, timeout: float = 120.0) -> None:
 
 def _list_topics(settings: Settings, transport: Transport) -> dict[str, int]:
     return transport.admin(admin_config(settings)).list_topics(timeout=_METADATA_TIMEOUT)
-
-
-def _reason(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -643,6 +683,9 @@ def dlq_show(
 @dlq.command("replay")
 @_plugin_required
 @_group_option
+@click.option("--to", "to", type=click.Choice(["group", "original"]), default="group", show_default=True,
+              help="group: into the plugin's first retry topic, handled again by its group alone;"
+                   " original: back on the original topic, handled again by every group reading it.")  # fmt: skip
 @click.option("--filter-exception", "exception", metavar="TYPE",
               help="Only letters that failed with this exception type (full or last dotted name).")  # fmt: skip
 @click.option(
@@ -657,6 +700,7 @@ def dlq_replay(
     ctx: click.Context,
     plugin: str | None,
     group_id: str | None,
+    to: ReplayTarget,
     exception: str | None,
     since_ms: int | None,
     limit: int | None,
@@ -665,11 +709,19 @@ def dlq_replay(
     config_file: str | None,
     **overrides: Any,
 ) -> None:
-    """Re-publish dead letters to their original topics as first attempts, each at most once."""
+    """Re-publish dead letters for the plugin to handle again as first attempts, each at most once."""
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
-    [(_, group)] = _groups(plugin_host(ctx), settings, plugin)
+    host = plugin_host(ctx)
+    [(name, group)] = _groups(host, settings, plugin)
+    policy = host.plugins[name].retry
+    if to == "group" and (policy.mode != "topics" or not policy.delays):
+        raise KafkaWorkersError(
+            f"plugin {name} has no retry topics (its RetryPolicy retries nothing, or in place: mode='pause'),"
+            f" so group {group} has none to replay into; pass --to original to re-publish on the original"
+            " topics, where every group reading them handles the letters again"
+        )
     try:
-        report = replay(settings, group, exception=exception, since_ms=since_ms, limit=limit, dry_run=dry_run)
+        report = replay(settings, group, to=to, exception=exception, since_ms=since_ms, limit=limit, dry_run=dry_run)
     except ReplayIncomplete as exc:
         _print_report(exc.report, fmt)
         raise

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kafkaworkers.config import Settings
-from kafkaworkers.transports import Producer, Transport, transport_for
+from kafkaworkers.transports import Headers, Producer, Transport, transport_for
 
 __all__ = ["PRODUCER_DEFAULTS", "create_producer", "produce", "producer_config", "shared_producer"]
 
@@ -32,7 +32,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 _lock = threading.Lock()
-_shared: dict[tuple[str, tuple[tuple[str, str], ...]], Producer] = {}
+_shared: dict[tuple[object, ...], Producer] = {}
 
 
 def producer_config(settings: Settings, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -55,13 +55,25 @@ def create_producer(
 
 
 def shared_producer(settings: Settings, transport: Transport | None = None) -> Producer:
-    """The process-wide producer for these settings, created on first use."""
+    """The process-wide producer for this broker and configuration, created on first use."""
+    transport = transport or transport_for(settings.bootstrap_servers)
     config = producer_config(settings)
-    key = (settings.bootstrap_servers, tuple(sorted((k, str(v)) for k, v in config.items())))
+    key = (_broker_of(transport), *sorted(config.items(), key=lambda item: item[0]))
     with _lock:
         if key not in _shared:
-            _shared[key] = (transport or transport_for(settings.bootstrap_servers)).producer(config)
+            _shared[key] = transport.producer(config)
         return _shared[key]
+
+
+def _broker_of(transport: Transport) -> object:
+    """What tells one broker from another beyond the configuration.
+
+    The bootstrap string alone does not: two embedded brokers may share one, and a Kafka
+    cluster may be reached under an address an embedded broker is also named by. The
+    embedded transport hands out clients of its ``broker`` object; Kafka's servers are part
+    of the configuration already.
+    """
+    return (transport.name, getattr(transport, "broker", None))
 
 
 def produce(
@@ -69,7 +81,7 @@ def produce(
     topic: str,
     value: bytes | None,
     key: bytes | None = None,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: Headers | None = None,
     on_delivery: Callable[[Any, Any], None] | None = None,
     partition: int = -1,
 ) -> None:

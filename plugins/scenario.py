@@ -12,7 +12,11 @@ It generates realistic orders whose outcome is known in advance, one failure cau
 Stock is budgeted so no outcome depends on timing: every order that reserves fits in the
 catalogue together with all the others (a cancelled order releases its units only at some
 later moment, so all count), and none of them touches the SKU the out-of-stock orders ask
-for. Each order has its own customer, so customer velocity stays quiet; the shared test card
+for. The catalogue grows with the run: past the few hundred orders reserva's seed catalogue
+carries, every product's stock but the scarcest's is multiplied (:meth:`OrderScenario.stock`),
+and the demo hands reserva that catalogue (:meth:`OrderScenario.prepare`).
+
+Each order has its own customer, so customer velocity stays quiet; the shared test card
 tokens do trip card velocity, which alone stays below the fraud threshold.
 
 An order is finished when it reached a terminal state (picking ``concluido`` or
@@ -29,13 +33,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from kafkaworkers import KafkaWorkersError, hookimpl
-from kafkaworkers.api import CORRELATION_HEADER
 from kafkaworkers.demo import DemoReport
+from kafkaworkers.headers import H_CORRELATION_ID
+from kafkaworkers.transports import Headers
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
     PEDIDO_NOVO,
@@ -88,6 +94,9 @@ DOMAINS = ("gmail.com", "hotmail.com", "outlook.com", "yahoo.com.br", "uol.com.b
 DECLINED_TOKENS = ("tok_recusado", "tok_sem_saldo")
 #: Units per order line, mostly one, so the catalogue carries a few hundred orders.
 QUANTITY_WEIGHTS = {1: 75, 2: 20, 3: 5}
+#: Stock units planned per reserving order: with these, a run has room for orders of several
+#: lines and for a few big fraudulent ones (reserva's seed catalogue: 950 units, 237 orders).
+UNITS_PER_ORDER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +154,35 @@ class OrderScenario:
 
     # --- input ---------------------------------------------------------------------------
 
+    def stock(self, count: int) -> list[Produto]:
+        """The catalogue scaled to carry ``count`` orders: every product's stock but the scarcest's
+        multiplied by the smallest factor that gives :data:`UNITS_PER_ORDER` units per order.
+
+        The scarcest product keeps its stock: only the out-of-stock orders ask for it, each
+        for one unit more than it holds.
+        """
+        scarce = _scarcest(self.catalogue)
+        units = sum(p.estoque for p in self.catalogue if p is not scarce)
+        scale = max(1, -(-count * UNITS_PER_ORDER // units)) if units else 1
+        return [p if p is scarce else msgspec.structs.replace(p, estoque=p.estoque * scale) for p in self.catalogue]
+
+    def prepare(self, count: int, data_dir: Path) -> dict[str, dict[str, Any]]:
+        """Write the catalogue ``count`` orders are planned against for reserva to load, and
+        return the plugin setting that points reserva at it."""
+        path = data_dir / "demo-catalogue.json"
+        path.write_bytes(msgspec.json.encode(self.stock(count)))
+        return {"reserva": {"catalogue": str(path)}}
+
     def plan(self, count: int, seed: int) -> list[Planned]:
         """``count`` orders with their expected outcomes; the same seed gives the same orders."""
         rng = random.Random(seed)
         outcomes = [o for o, share in SHARES.items() for _ in range(round(count * share))]
         outcomes = (outcomes + ["separado"] * count)[:count]
         rng.shuffle(outcomes)
-        scarce = min(self.catalogue, key=lambda p: (p.estoque, p.preco_centavos))
-        budget = {p.sku: p.estoque for p in self.catalogue if p is not scarce}
-        prices = {p.sku: p.preco_centavos for p in self.catalogue}
+        catalogue = self.stock(count)
+        scarce = _scarcest(catalogue)
+        budget = {p.sku: p.estoque for p in catalogue if p is not scarce}
+        prices = {p.sku: p.preco_centavos for p in catalogue}
         reserving = sum(o != "sem_estoque" for o in outcomes)
         planned = []
         for number, outcome in enumerate(outcomes, start=1):
@@ -171,25 +200,25 @@ class OrderScenario:
                 if not itens:
                     raise KafkaWorkersError(
                         f"the catalogue's stock ran out after {number - 1} of {count} orders;"
-                        " run the demo with fewer --orders"
+                        " it needs stock in more than its scarcest product"
                     )
                 big = big and _total(itens) > BIG_TOTAL_CENTS
             planned.append(Planned(self._order(rng, number, itens, outcome, big), outcome))
         return planned
 
-    def generate(self, count: int, seed: int) -> Iterator[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]:
+    def generate(self, count: int, seed: int) -> Iterator[tuple[str, bytes | None, bytes, Headers]]:
         """The planned orders, each stamped ``criado_em`` = now as it is handed to the producer."""
         planned = self.plan(count, seed)
         self.tracks = {p.pedido.order_id: _Track(p.expected) for p in planned}
         encoder = msgspec.json.Encoder()
 
-        def stamped() -> Iterator[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]:
+        def stamped() -> Iterator[tuple[str, bytes | None, bytes, Headers]]:
             for p in planned:
                 now = datetime.now(UTC)
                 pedido = msgspec.structs.replace(p.pedido, criado_em=now, occurred_at=now)
                 self.tracks[pedido.order_id].criado_ms = int(now.timestamp() * 1000)
                 order_id = pedido.order_id.encode()
-                yield PEDIDO_NOVO, order_id, encoder.encode(pedido), [(CORRELATION_HEADER, order_id)]
+                yield PEDIDO_NOVO, order_id, encoder.encode(pedido), [(H_CORRELATION_ID, order_id)]
 
         return stamped()
 
@@ -307,6 +336,11 @@ def _items(rng: random.Random, budget: dict[str, int], prices: dict[str, int], a
         units += quantity
         total += prices[sku] * quantity
     return [Item(sku=s, quantidade=q, preco_unitario_centavos=prices[s]) for s, q in lines.items()]
+
+
+def _scarcest(catalogue: list[Produto]) -> Produto:
+    """The product the out-of-stock orders ask for: the least stock, then the cheapest."""
+    return min(catalogue, key=lambda p: (p.estoque, p.preco_centavos))
 
 
 def _total(itens: list[Item]) -> int:

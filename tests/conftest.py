@@ -20,6 +20,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from kafkaworkers.producer import produce
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 KW = str(Path(sys.executable).parent / "kafkaworkers")
@@ -106,12 +108,7 @@ class KafkaHelper:
     def produce(self, topic: str, values: list[bytes], key: Callable[[int], bytes] | None = None) -> None:
         producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
         for i, value in enumerate(values):
-            while True:
-                try:
-                    producer.produce(topic, value, key(i) if key else str(i).encode())
-                    break
-                except BufferError:
-                    producer.poll(0.1)
+            produce(producer, topic, value, key(i) if key else str(i).encode())
         assert producer.flush(30) == 0
 
     def read_all(self, topic: str, expected: int, timeout: float = 60.0) -> list:

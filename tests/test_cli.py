@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -192,3 +194,56 @@ def test_every_settings_option_has_help() -> None:
                 assert param.help, f"{command.name} {param.opts[0]} has no help"
                 checked += 1
     assert checked >= 4 * 3, "run, produce and config show at least"
+
+
+# --- topics create ---------------------------------------------------------------------------
+
+
+def test_topics_create_makes_retry_and_dead_letter_topics_and_flags_existing_ones_of_another_size(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from kafkaworkers import Context, Plugin, RetryPolicy
+    from kafkaworkers.cli import cli
+    from kafkaworkers.plugins import PluginHost
+    from kafkaworkers.transports.memory import MemoryTransport
+
+    topics = Plugin("topics", retry=RetryPolicy(delays=(1.0, 2.0)))
+    paused = Plugin("paused", retry=RetryPolicy(delays=(1.0,), mode="pause"))
+    for plugin in (topics, paused):
+
+        @plugin.consumes("orders", dict)
+        def handle(order: dict, ctx: Context) -> None:  # type: ignore[type-arg]
+            """Never called: the command only reads the declarations."""
+
+    host = PluginHost()
+    for plugin in (topics, paused):
+        host.register(plugin, plugin.name)
+    name = f"topics-{uuid.uuid4().hex}"
+    broker = MemoryTransport.named(name).broker
+    broker.create_topic("topics-dlq", 1)  # as a worker made it before its source topic existed
+    broker.create_topic("orders", 6)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        result = CliRunner().invoke(cli, ["topics", "create", "--partitions", "6", "-b", f"memory://{name}"], obj=host)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+    assert result.exit_code == 0, result.output
+    assert broker.list_topics() == {
+        "orders": 6, "topics-dlq": 1, "topics-retry-1": 6, "topics-retry-2": 6, "paused-dlq": 6,
+    }  # fmt: skip
+    assert result.stdout.splitlines() == [
+        "exists   orders",
+        "created  paused-dlq",
+        "exists   topics-dlq  with 1 partition, asked 6",
+        "created  topics-retry-1",
+        "created  topics-retry-2",
+        "3 created, 2 existed",
+    ]
+    assert "1 existing topic(s) have another partition count than asked" in result.stderr
+    assert f"kafka-topics.sh --bootstrap-server memory://{name} --alter --topic NAME --partitions 6" in result.stderr

@@ -8,6 +8,7 @@ the real loop step by step; the plugins are small ones defined here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from confluent_kafka import OFFSET_INVALID, TopicPartition
 from kafkaworkers import Context, PermanentError, Plugin, PluginEnv, PluginError, Retry, RetryPolicy, hookimpl
 from kafkaworkers.breaker import CLOSED
 from kafkaworkers.clock import ManualClock
-from kafkaworkers.config import Settings
+from kafkaworkers.config import DEFAULT_PARTITIONS, Settings
 from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
@@ -38,6 +39,7 @@ from kafkaworkers.headers import (
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.retry import MAX_ERROR_TEXT
 from kafkaworkers.testing import Harness
+from kafkaworkers.transports.memory import MemoryBroker, MemoryTransport
 from kafkaworkers.worker import Worker
 
 MakeHarness = Callable[..., Harness]
@@ -700,3 +702,24 @@ def test_a_plugin_failing_to_start_is_named_and_the_plugins_started_before_it_ar
     with pytest.raises(PluginError, match="plugin 'second' failed to start: OSError: cannot open the database"):
         worker.run(broker_wait=0)
     assert stopped == ["first-state"]
+
+
+def test_retry_and_dead_letter_topics_of_a_plugin_whose_sources_do_not_exist_get_the_default_size(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = Plugin("early", retry=RetryPolicy(delays=(1.0,), jitter=0.0))
+
+    @plugin.consumes("not-yet", Ping)
+    def handle(ping: Ping, ctx: Context) -> None:
+        """Never called: nothing is published."""
+
+    host = PluginHost()
+    host.register(plugin, plugin.name)
+    transport = MemoryTransport(MemoryBroker())
+    worker = Worker([plugin], Settings(bootstrap_servers="memory://early", data_dir=str(tmp_path)), host, transport)
+    with caplog.at_level(logging.WARNING, logger="kafkaworkers.worker"):
+        worker.start(broker_wait=0)
+    worker.close()
+
+    assert transport.broker.list_topics() == {"early-retry-1": DEFAULT_PARTITIONS, "early-dlq": DEFAULT_PARTITIONS}
+    assert f"creating them with {DEFAULT_PARTITIONS} partitions" in caplog.text

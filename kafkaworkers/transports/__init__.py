@@ -22,7 +22,7 @@ from confluent_kafka import TopicPartition
 
 __all__ = ["Admin", "Consumer", "Message", "Producer", "TopicPartition", "Transport", "transport_for"]
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
 
 
 class Message(Protocol):
@@ -39,7 +39,7 @@ class Message(Protocol):
 
 
 class Consumer(Protocol):
-    """The consumer calls the worker loop and the dead-letter tools make."""
+    """The consumer calls the worker loop makes."""
 
     def subscribe(
         self,
@@ -48,7 +48,6 @@ class Consumer(Protocol):
         on_revoke: Callable[[Any, list[TopicPartition]], None] = ...,
         on_lost: Callable[[Any, list[TopicPartition]], None] = ...,
     ) -> None: ...
-    def assign(self, partitions: list[TopicPartition]) -> None: ...
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
     def store_offsets(self, offsets: list[TopicPartition]) -> None: ...
     def commit(self, asynchronous: bool = True) -> Any: ...
@@ -56,7 +55,6 @@ class Consumer(Protocol):
     def resume(self, partitions: list[TopicPartition]) -> None: ...
     def seek(self, partition: TopicPartition) -> None: ...
     def assignment(self) -> list[TopicPartition]: ...
-    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
     def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]: ...
     def get_watermark_offsets(
         self, partition: TopicPartition, timeout: float = -1, cached: bool = False

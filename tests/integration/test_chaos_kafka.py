@@ -25,9 +25,9 @@ than once (the same event id re-published after a kill).
 Every scenario but the pipeline runs twice: ``short`` at the default scale, in ``make test``,
 and ``long`` (marked ``chaos``, for ``make chaos``) with its message counts multiplied by
 ``KAFKAWORKERS_CHAOS_SCALE`` (default 4); the fixed outage lengths are the same in both. The
-pipeline runs once, in ``make test``: its 1,000 orders are what reserva's seed catalogue can
-stock. Kill moments and the orders come from the ``rng`` fixture: the run's seed is printed,
-and ``KAFKAWORKERS_TEST_SEED`` replays it. The broker
+pipeline runs once, in ``make test``, with 1,000 orders. Kill moments and the orders come
+from the ``rng`` fixture: the run's seed is printed, and ``KAFKAWORKERS_TEST_SEED`` replays
+it. The broker
 outage and the pipeline run on a broker of their own (``scripts/kafka/broker.sh`` with its own
 ``KAFKA_HOME_DIR`` and ports): stopping the shared one would break other tests, and the
 pipeline's topic names are fixed.
@@ -503,17 +503,22 @@ class Pipeline:
 def test_chaos_pipeline_sigkill_of_pagamento_and_reserva_ends_every_order_once(
     own_broker: OwnBroker, tmp_path: Path, rng: random.Random
 ) -> None:
-    from kafkaworkers_orders.reserva import CATALOGUE
-    from kafkaworkers_orders.reserva.estoque import read_catalogue
     from kafkaworkers_orders.scenario import OrderScenario
 
-    # reserva's seed catalogue stocks about 1,000 orders: the scale cannot raise this one.
     orders = 1000
     kafka = QuietKafka(own_broker.bootstrap)
     pipeline = Pipeline(own_broker.bootstrap, tmp_path)
     created = subprocess.run([KW, "topics", "create"], env=pipeline.env, capture_output=True, text=True, timeout=120)
     assert created.returncode == 0, created.stderr
     scenario = OrderScenario()
+    # reserva holds the stock the scenario plans these orders against.
+    stock = scenario.stock(orders)
+    (tmp_path / "catalogue.json").write_bytes(msgspec.json.encode(stock))
+    loaded = subprocess.run(
+        [KW, "stock", "load", "--file", str(tmp_path / "catalogue.json"), "--data-dir", str(pipeline.data / "reserva")],
+        env=pipeline.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr
     watcher = Consumer(
         {"bootstrap.servers": own_broker.bootstrap, "group.id": f"watch-{uuid.uuid4().hex}",
          "auto.offset.reset": "earliest", "enable.auto.commit": False, "logger": CLIENT_LOG}
@@ -590,7 +595,7 @@ def test_chaos_pipeline_sigkill_of_pagamento_and_reserva_ends_every_order_once(
     for (itens,) in pipeline.db("reserva", "estoque.sqlite3", "SELECT itens FROM reserva WHERE status = 'reservado'"):
         taken.update(json.loads(itens))
     left = dict(pipeline.db("reserva", "estoque.sqlite3", "SELECT sku, estoque FROM produto"))
-    stock_errors = {p.sku: (p.estoque, taken[p.sku], left.get(p.sku)) for p in read_catalogue(CATALOGUE)
+    stock_errors = {p.sku: (p.estoque, taken[p.sku], left.get(p.sku)) for p in stock
                     if p.estoque - taken[p.sku] != left.get(p.sku)}  # fmt: skip
     # Notifications: notificacao (never killed) logs each one; a repeat would log it again.
     notified = collections.Counter(re.findall(r"notificacao (PED-[\w-]+\.\w+) para", pipeline.log("notificacao")))

@@ -10,6 +10,7 @@ invoked the way ``main()`` does (entry points loaded into a ``PluginHost``).
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -138,7 +139,7 @@ def test_retryable_failures_go_through_both_retry_topics_and_succeed_on_the_thir
 
 def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: KwTest, tmp_path: Path) -> None:
     bug = tmp_path / "the-bug-is-there"
-    dlq, ledger = f"{kwtest.group}-dlq", f"{kwtest.group}-dlq-replayed"
+    dlq, ledger, retry = f"{kwtest.group}-dlq", f"{kwtest.group}-dlq-replayed", f"{kwtest.group}-retry-1"
     kafka.create_topics(kwtest.ping, kwtest.pong)
     kafka.produce(kwtest.ping, [ping(n, "permanent" if n >= 10 else "") for n in (0, 1, 2, 10, 11, 12)])
     kwtest.start(KWTEST_BUG_FILE=str(bug))
@@ -162,7 +163,7 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
 
     planned = dlq_json(kafka, kwtest, "replay", "--dry-run")
     assert (planned["matched"], planned["would_replay"], planned["replayed"]) == (3, 3, 0)
-    assert stored(kafka, kwtest.ping) == 6 and stored(kafka, ledger) == 0, "a dry run publishes nothing"
+    assert stored(kafka, retry) == 0 and stored(kafka, ledger) == 0, "a dry run publishes nothing"
     assert dlq_json(kafka, kwtest, "replay", "--filter-exception", "LookupError")["matched"] == 0
     assert dlq_json(kafka, kwtest, "replay", "--since", "2999-01-01T00:00:00Z")["matched"] == 0
 
@@ -171,18 +172,23 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
     kafka.produce(kwtest.ping, [ping(20)], key=lambda i: b"twenty")
     wait_for(lambda: stored(kafka, dlq) == 4, 60, "the ping that met the bug dead-lettered")
     bug.unlink()
+    retried = stored(kafka, retry)
     fixed = dlq_json(kafka, kwtest, "replay", "--filter-exception", "LookupError")
-    assert (fixed["matched"], fixed["replayed"]) == (1, 1)
+    assert (fixed["matched"], fixed["replayed"], fixed["to"]) == (1, 1, "group")
     wait_for(lambda: 20 in kwtest.handled(), 60, "the replayed ping handled once the dependency is back")
 
-    [replayed] = [m for m in kafka.read_all(kwtest.ping, 8) if "kw-replayed-from" in headers(m)]
+    # Into the group's own first retry topic, due at once, from where it came, as a fresh start.
+    [replayed] = [m for m in kafka.read_all(retry, retried + 1) if "kw-replayed-from" in headers(m)]
     audit = headers(replayed)
     first_letters = kafka.read_all(dlq, 4)
     [letter] = [m for m in first_letters if m.key() == b"twenty"]
     assert replayed.key() == b"twenty"
     assert audit["kw-replayed-from"] == f"{dlq}:{letter.partition()}:{letter.offset()}".encode()
     assert abs(int(audit["kw-replayed-at"]) - time.time() * 1000) < 120_000
-    assert not {"kw-attempt", "kw-exception", "kw-original-topic", "kw-due-at"} & set(audit)
+    assert int(audit["kw-due-at"]) <= int(audit["kw-replayed-at"])
+    assert audit["kw-original-topic"] == kwtest.ping.encode()
+    assert audit["kw-original-offset"] == headers(letter)["kw-original-offset"]
+    assert not {"kw-attempt", "kw-exception"} & set(audit)
     assert json.loads(replayed.value()) == {"n": 20}
 
     # With the worker stopped, nothing new is dead-lettered between two replays.
@@ -191,7 +197,8 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
     assert (everything["matched"], everything["replayed"], everything["skipped_already_replayed"]) == (4, 3, 1)
     again = dlq_json(kafka, kwtest, "replay")
     assert (again["matched"], again["replayed"], again["skipped_already_replayed"]) == (4, 0, 4)
-    assert stored(kafka, kwtest.ping) == 11, "6 pings, the one that met the bug, 4 replayed copies"
+    assert stored(kafka, kwtest.ping) == 7, "the 6 pings and the one that met the bug: nothing replayed there"
+    assert stored(kafka, retry) == retried + 4
 
     # The permanent ones fail again, each as a new first attempt, and are dead again.
     kwtest.start(KWTEST_BUG_FILE=str(bug))
@@ -205,7 +212,37 @@ def test_dlq_list_show_and_replay_each_letter_once(kafka: KafkaHelper, kwtest: K
     assert sorted(kwtest.handled()) == [0, 1, 2, 20]
 
 
-def test_dlq_errors_are_one_line_without_a_traceback(kwtest: KwTest) -> None:
+def test_a_replay_reaches_only_the_group_that_failed_never_another_group_reading_the_same_topic(
+    kafka: KafkaHelper, kwtest: KwTest, tmp_path: Path
+) -> None:
+    bug = tmp_path / "the-bug-is-there"
+    other_group, other_ledger = f"{kwtest.group}-other", tmp_path / "other-ledger.sqlite3"
+    dlq = f"{kwtest.group}-dlq"
+    kafka.create_topics(kwtest.ping, kwtest.pong)
+    bug.touch()
+    kwtest.start(KWTEST_BUG_FILE=str(bug))
+    # The same plugin in another group, without the bug: a second reader of the ping topic.
+    kwtest.start("--group-id", other_group, KWTEST_LEDGER=str(other_ledger))
+    kafka.produce(kwtest.ping, [ping(n) for n in range(3)])
+    wait_for(lambda: stored(kafka, dlq) == 3, 60, "3 pings dead-lettered after their retries")
+    wait_for(lambda: kafka.committed(other_group, kwtest.ping) == 3, 60, "the other group done with the 3 pings")
+    assert kwtest.handled() == []
+
+    bug.unlink()
+    replayed = dlq_json(kafka, kwtest, "replay")
+    assert (replayed["matched"], replayed["replayed"], replayed["to"]) == (3, 3, "group")
+    wait_for(lambda: len(kwtest.handled()) == 3, 60, "the failing group handled the replayed pings")
+    wait_for(lambda: stored(kafka, kwtest.pong) == 6, 60, "a pong per ping and group")
+
+    assert sorted(kwtest.handled()) == [0, 1, 2], "the failing group handled each once"
+    assert stored(kafka, kwtest.ping) == 3, "nothing went back to the shared topic"
+    assert kafka.committed(other_group, kwtest.ping) == 3
+    with sqlite3.connect(other_ledger) as db:
+        assert sorted(n for (n,) in db.execute("SELECT n FROM handled")) == [0, 1, 2], "the other group: once each"
+    assert sorted(json.loads(m.value())["n"] for m in kafka.read_all(kwtest.pong, 6)) == [0, 0, 1, 1, 2, 2]
+
+
+def test_dlq_errors_are_one_line_without_a_traceback(kafka: KafkaHelper, kwtest: KwTest) -> None:
     unknown = dlq_cli(kwtest, "show", "--plugin", "nope", "-b", "127.0.0.1:1")
     assert unknown.returncode == 1
     assert "Traceback" not in unknown.stderr
@@ -218,6 +255,13 @@ def test_dlq_errors_are_one_line_without_a_traceback(kwtest: KwTest) -> None:
     assert unreachable.returncode == 1
     assert "Traceback" not in unreachable.stderr
     assert "kafkaworkers: error: cannot reach Kafka at 127.0.0.1:1" in unreachable.stderr
+
+    missing = dlq_cli(kwtest, "replay", "--plugin", "echo", "--group-id", kwtest.group, "-b", kafka.bootstrap)
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines() == [
+        f"kafkaworkers: error: dead-letter topic {kwtest.group}-dlq does not exist: group {kwtest.group} has"
+        " dead-lettered nothing (if the plugin runs under another group, pass its --group-id)"
+    ]
 
     bad_time = dlq_cli(kwtest, "replay", "--plugin", "echo", "--since", "yesterday")
     assert bad_time.returncode == 2

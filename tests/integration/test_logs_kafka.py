@@ -10,12 +10,11 @@ import msgspec
 import pytest
 from confluent_kafka import Producer
 
+from kafkaworkers.headers import H_CORRELATION_ID as CORRELATION
 from kafkaworkers.retry import dlq_topic, retry_topic
 from tests.conftest import KafkaHelper, KwTest, wait_for
 
 pytestmark = pytest.mark.kafka
-
-CORRELATION = "kw-correlation-id"
 
 
 def produce_with_correlation(kafka: KafkaHelper, topic: str, pings: list[tuple[dict, str]]) -> None:

@@ -37,7 +37,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from kafkaworkers.api import CORRELATION_HEADER
+from kafkaworkers.headers import H_CORRELATION_ID
+from kafkaworkers.producer import produce
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -316,12 +317,7 @@ def publish(
             partitions[msg.partition()] += 1
 
     for topic, key, value, headers in messages:
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers, on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.1)
+        produce(producer, topic, value, key, headers, delivered)
         producer.poll(0)
     assert producer.flush(30) == 0, "orders still undelivered after 30 s"
     assert not errors, f"{len(errors)} orders not delivered: {errors[:3]}"
@@ -344,8 +340,11 @@ def write_catalogue(path: Path, produtos: list[Produto]) -> Path:
 
 def test_pipeline_as_deployed_six_processes(services: Services, tmp_path: Path) -> None:
     run_id = uuid.uuid4().hex[:8]
-    # The seed catalogue under SKUs of this run: another run's orders cannot take its stock.
-    catalogue = [msgspec.structs.replace(p, sku=f"{p.sku}-{run_id[:6].upper()}") for p in read_catalogue(CATALOGUE)]
+    # The seed catalogue under SKUs of this run: another run's orders cannot take its stock;
+    # reserva holds what the scenario plans the run's orders against.
+    seed = [msgspec.structs.replace(p, sku=f"{p.sku}-{run_id[:6].upper()}") for p in read_catalogue(CATALOGUE)]
+    scenario = OrderScenario(run_id=run_id, catalogue=seed)
+    catalogue = scenario.stock(ORDERS)
     initial = {p.sku: p.estoque for p in catalogue}
     services.cli(
         "stock", "load", "--file", str(write_catalogue(tmp_path / "catalogo.json", catalogue)),
@@ -355,7 +354,6 @@ def test_pipeline_as_deployed_six_processes(services: Services, tmp_path: Path) 
     groups = {services.group(name): services.consumed(name) for name in SERVICES}
     offsets = Offsets(services.bootstrap)
     offsets.start_at_end(groups)
-    scenario = OrderScenario(run_id=run_id, catalogue=catalogue)
     watcher = Watcher(offsets, list(TOPICS))
     try:
         for name in SERVICES:
@@ -530,7 +528,7 @@ def test_two_reserva_processes_never_oversell(services: Services, tmp_path: Path
         encoder = msgspec.json.Encoder()
         per_partition = publish(
             services.bootstrap,
-            [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(CORRELATION_HEADER, o.order_id.encode())])
+            [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(H_CORRELATION_ID, o.order_id.encode())])
              for o in orders],
         )  # fmt: skip
 

@@ -50,3 +50,20 @@ def test_demo_json_report_has_every_compensation_done(tmp_path):
     assert compensations["releases_done"] == compensations["releases_needed"]
     # Only fraud and declined orders can need a release; a cancellation that overtakes its order reserves nothing.
     assert compensations["releases_needed"] <= 12
+
+
+def test_demo_of_5000_orders_has_the_stock_for_all_of_them_and_ends_each_as_expected(tmp_path):
+    done = subprocess.run(
+        [KW, "demo", "--orders", "5000", "--timeout", "120", "--format", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["mismatches"] == []
+    assert {state: (row["expected"], row["actual"]) for state, row in report["states"].items()} == {
+        "separado": (3750, 3750), "fraude": (500, 500), "pagamento_recusado": (500, 500), "sem_estoque": (250, 250),
+    }  # fmt: skip

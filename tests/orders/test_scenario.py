@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from kafkaworkers import KafkaWorkersError
-from kafkaworkers.api import CORRELATION_HEADER
+from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
     PEDIDO_NOVO,
@@ -62,7 +62,7 @@ def test_generated_messages_are_valid_orders_keyed_and_correlated_by_order_id():
     orders = [msgspec.json.decode(value, type=PedidoNovo) for _, _, value, _ in messages]
     assert {topic for topic, *_ in messages} == {PEDIDO_NOVO}
     assert [key for _, key, _, _ in messages] == [o.order_id.encode() for o in orders]
-    assert [headers for *_, headers in messages] == [[(CORRELATION_HEADER, o.order_id.encode())] for o in orders]
+    assert [headers for *_, headers in messages] == [[(H_CORRELATION_ID, o.order_id.encode())] for o in orders]
     assert len({o.order_id for o in orders}) == len({o.event_id for o in orders}) == 60
     assert all(before <= o.criado_em.timestamp() <= time.time() for o in orders)
     assert all(o.order_id.startswith(f"PED-{scenario.run_id}-") for o in orders)
@@ -86,13 +86,14 @@ def test_the_gateway_declines_exactly_the_orders_planned_as_declined(tmp_path):
         gateway.close()
 
 
-@pytest.mark.parametrize(("count", "shuffle_seed"), [(200, 1), (200, 2), (1000, 3)])
+@pytest.mark.parametrize(("count", "shuffle_seed"), [(200, 1), (200, 2), (1000, 3), (2000, 4), (20_000, 5)])
 def test_stock_runs_out_exactly_for_the_planned_orders_in_any_arrival_order(tmp_path: Path, count, shuffle_seed):
-    planned = plan(count)
+    scenario = OrderScenario(run_id="t")
+    planned = scenario.plan(count, seed=7)
     random.Random(shuffle_seed).shuffle(planned)
     estoque = Estoque(tmp_path / "estoque.sqlite3")
     try:
-        estoque.carregar(read_catalogue(CATALOGUE))
+        estoque.carregar(scenario.stock(count))
         for p in planned:
             resultado = estoque.reservar(p.pedido.order_id, p.pedido.itens)
             assert resultado is not None
@@ -101,10 +102,33 @@ def test_stock_runs_out_exactly_for_the_planned_orders_in_any_arrival_order(tmp_
         estoque.close()
 
 
-def test_more_orders_than_the_catalogue_holds_fail_before_anything_is_sent():
+def test_the_stock_grows_with_the_orders_but_the_scarcest_products_which_only_out_of_stock_orders_ask_for():
+    seed = read_catalogue(CATALOGUE)
+    scarce = min(seed, key=lambda p: (p.estoque, p.preco_centavos))
     scenario = OrderScenario()
-    with pytest.raises(KafkaWorkersError, match=r"ran out after \d+ of 5000 orders; run the demo with fewer --orders"):
-        scenario.generate(5000, 1)
+    assert scenario.stock(200) == seed, "the seed catalogue carries a couple of hundred orders as it is"
+    for count in (238, 5000, 100_000):
+        stock = scenario.stock(count)
+        [kept] = [p for p in stock if p.sku == scarce.sku]
+        assert kept == scarce
+        assert sum(p.estoque for p in stock if p.sku != scarce.sku) >= count * 4
+        factors = {p.estoque / before.estoque for p, before in zip(stock, seed, strict=True) if before != scarce}
+        assert len(factors) == 1, "every other product is scaled by one factor"
+    assert len(scenario.plan(100_000, 1)) == 100_000
+
+
+def test_the_demo_hands_reserva_the_catalogue_its_orders_are_planned_against(tmp_path: Path):
+    scenario = OrderScenario()
+    config = scenario.prepare(5000, tmp_path)
+
+    assert read_catalogue(Path(config["reserva"]["catalogue"])) == scenario.stock(5000)
+
+
+def test_a_catalogue_without_stock_cannot_plan_an_order_that_reserves():
+    [product, *_] = read_catalogue(CATALOGUE)
+    empty = [msgspec.structs.replace(product, sku=f"X-{n}", estoque=0) for n in range(3)]
+    with pytest.raises(KafkaWorkersError, match=r"ran out after 0 of 10 orders; it needs stock in more than"):
+        OrderScenario(catalogue=empty).generate(10, 1)
 
 
 # --- the verdict, on synthetic observations ----------------------------------------------
