@@ -90,10 +90,11 @@ class Context(Generic[S]):
     :param state: what the plugin's ``on_start`` returned, as ``ctx.state``.
     """
 
-    __slots__ = ("_headers", "_message", "_send", "plugin", "state")
+    __slots__ = ("_attempt", "_headers", "_message", "_send", "plugin", "state")
 
-    def __init__(self, plugin: Plugin[S], message: Any, send: Callable[..., None], state: S) -> None:
+    def __init__(self, plugin: Plugin[S], message: Any, send: Callable[..., None], state: S, attempt: int = 0) -> None:
         self.plugin = plugin
+        self._attempt = attempt
         self.state = state
         self._message = message
         self._send = send
@@ -144,6 +145,8 @@ class Context(Generic[S]):
     @property
     def attempt(self) -> int:
         """1 on first delivery, 2 on the first retry, and so on."""
+        if self._attempt:  # retry mode "pause": the loop counts deliveries of the message it waits on
+            return self._attempt
         raw = self.headers.get("kw-attempt")
         return int(raw) + 1 if raw and raw.isdigit() and len(raw) <= 18 else 1
 

@@ -12,11 +12,12 @@ and ``kafkaworkers plugins`` shows the error.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,8 @@ class PluginHost:
         self._plugins: dict[str, Plugin] | None = None
         # declared plugin name -> the registration that declared it
         self._declared_by: dict[str, str] = {}
+        #: called with (observer plugin, hook) when an observer hook raises (a metric)
+        self.on_observer_error: Callable[[str, str], None] | None = None
 
     # --- loading ---------------------------------------------------------------------
 
@@ -189,8 +192,10 @@ class PluginHost:
                 if broken:
                     raise PluginError(broken[0].error)
                 installed = ", ".join(sorted(self.plugins)) or "none"
+                close = difflib.get_close_matches(name, self.plugins, n=1)
+                guess = f" did you mean {close[0]!r}?" if close else ""
                 raise PluginError(
-                    f"unknown plugin {name!r}; installed: {installed}."
+                    f"unknown plugin {name!r};{guess} installed: {installed}."
                     " Install it with pip or check `kafkaworkers plugins`"
                 )
             found.append(self.plugins[name])
@@ -280,26 +285,38 @@ class PluginHost:
     def register_metrics(self, registry: CollectorRegistry, plugin: Plugin) -> None:
         self._pm.hook.kafkaworkers_register_metrics(registry=registry, plugin=plugin)
 
+    # Observer hooks: each implementation is called on its own, and one that raises is logged
+    # with its plugin's name and counted, never changing a message's outcome or the loop.
+
     def worker_started(self, worker: Worker) -> None:
-        self._pm.hook.kafkaworkers_worker_started(worker=worker)
+        self._observe("kafkaworkers_worker_started", worker=worker)
 
     def worker_stopping(self, worker: Worker) -> None:
-        self._pm.hook.kafkaworkers_worker_stopping(worker=worker)
+        self._observe("kafkaworkers_worker_stopping", worker=worker)
 
     def partitions_assigned(self, plugin: Plugin, partitions: list[TopicPartition]) -> None:
-        self._pm.hook.kafkaworkers_partitions_assigned(plugin=plugin, partitions=partitions)
+        self._observe("kafkaworkers_partitions_assigned", plugin=plugin, partitions=partitions)
 
     def partitions_revoked(self, plugin: Plugin, partitions: list[TopicPartition]) -> None:
-        self._pm.hook.kafkaworkers_partitions_revoked(plugin=plugin, partitions=partitions)
+        self._observe("kafkaworkers_partitions_revoked", plugin=plugin, partitions=partitions)
 
     def batch_received(self, plugin: Plugin, messages: list[Message]) -> None:
-        self._pm.hook.kafkaworkers_batch_received(plugin=plugin, messages=messages)
+        self._observe("kafkaworkers_batch_received", plugin=plugin, messages=messages)
 
     def message_handled(self, plugin: Plugin, message: Message, value: Any) -> None:
-        self._pm.hook.kafkaworkers_message_handled(plugin=plugin, message=message, value=value)
+        self._observe("kafkaworkers_message_handled", plugin=plugin, message=message, value=value)
 
     def message_failed(self, plugin: Plugin, message: Message, error: BaseException, outcome: str) -> None:
-        self._pm.hook.kafkaworkers_message_failed(plugin=plugin, message=message, error=error, outcome=outcome)
+        self._observe("kafkaworkers_message_failed", plugin=plugin, message=message, error=error, outcome=outcome)
+
+    def _observe(self, hook: str, **kwargs: Any) -> None:
+        for impl in getattr(self._pm.hook, hook).get_hookimpls():
+            try:
+                impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception:
+                log.exception("observer %r failed in %s; the message's outcome is unchanged", impl.plugin_name, hook)
+                if self.on_observer_error is not None:
+                    self.on_observer_error(impl.plugin_name, hook)
 
 
 def hook_names() -> list[str]:

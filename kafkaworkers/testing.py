@@ -25,6 +25,7 @@ import msgspec
 import pytest
 
 from kafkaworkers.api import Plugin, encode
+from kafkaworkers.clock import SYSTEM_CLOCK, Clock
 from kafkaworkers.config import Settings
 from kafkaworkers.metrics import Metrics
 from kafkaworkers.plugins import PluginHost
@@ -43,10 +44,14 @@ class Harness:
     :param plugins: the plugins under test (observer objects may be passed too).
     :param data_dir: where the plugins keep their state.
     :param partitions: partitions of every declared topic.
+    :param clock: the worker's clocks; a :class:`~kafkaworkers.clock.ManualClock` lets a test
+        move retry delays and breaker waits forward instead of waiting for them.
     :param settings: further :class:`Settings` fields (``plugins={...}`` for plugin config).
     """
 
-    def __init__(self, *plugins: object, data_dir: Path, partitions: int = 3, **settings: Any) -> None:
+    def __init__(
+        self, *plugins: object, data_dir: Path, partitions: int = 3, clock: Clock = SYSTEM_CLOCK, **settings: Any
+    ) -> None:
         self.broker = MemoryBroker()
         self.transport = MemoryTransport(self.broker)
         self.host = PluginHost()
@@ -62,7 +67,9 @@ class Harness:
             bootstrap_servers=f"memory://harness-{next(_names)}", data_dir=str(data_dir), poll_timeout=0.0, **settings
         )
         self.metrics = Metrics()
-        self.worker = Worker(workers, self.settings, self.host, transport=self.transport, metrics=self.metrics)
+        self.worker = Worker(
+            workers, self.settings, self.host, transport=self.transport, metrics=self.metrics, clock=clock
+        )
         self.worker.start(broker_wait=0)
         self._producer = self.transport.producer({})
 

@@ -49,17 +49,20 @@ __all__ = ["PluginRunner", "Worker"]
 log = logging.getLogger(__name__)
 
 _ERROR_LOG_INTERVAL = 10.0
+_BROKER_CHECK_INTERVAL = 5.0
+#: Consumer errors that mean no broker can be reached (readiness fails until one answers).
+_UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
 TP = tuple[str, int]
 
 
 class _Route:
     """A consumed topic's handler with its metric children, resolved once per plugin."""
 
-    __slots__ = ("consumed", "dead", "decoder", "duration", "handler", "ok", "retried", "subscription", "topic")
+    __slots__ = ("consumed", "dead", "decoder", "duration", "handler", "ok", "retried", "topic", "type_name")
 
     def __init__(self, subscription: Subscription[Any], metrics: PluginMetrics | None) -> None:
-        self.subscription = subscription
         self.topic = subscription.topic
+        self.type_name = getattr(subscription.type, "__name__", str(subscription.type))
         self.decoder = subscription.decoder
         self.handler = subscription.handler
         self.duration = metrics.duration(self.topic) if metrics else None
@@ -121,6 +124,8 @@ class PluginRunner:
         # retry mode "pause": the partition -> (offset, failed deliveries) of the message it waits on
         self._in_place: dict[TP, tuple[int, int]] = {}
         self._error_logged: dict[int, float] = {}
+        #: a consumer said no broker answers; cleared by the next message or broker answer
+        self.broker_down = False
         self._produced: defaultdict[str, int] = defaultdict(int)
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
@@ -258,6 +263,8 @@ class PluginRunner:
                 messages += consumer.consume(self.batch_size - 1, 0)
         if self.retry_consumer is not None:
             messages += self.retry_consumer.consume(self.batch_size, 0)
+        if self.broker_down and messages and messages[-1].error() is None:
+            self.broker_down = False
         if rebalances != self._rebalances and messages:
             assigned = self.partitions.assigned
             messages = [m for m in messages if m.error() is not None or (m.topic(), m.partition()) in assigned]
@@ -298,7 +305,7 @@ class PluginRunner:
                 try:
                     value = route.decoder.decode(raw)
                 except (msgspec.DecodeError, RecursionError) as exc:
-                    raise DecodeError(f"not a valid {route.subscription.type.__name__}: {exc}") from None
+                    raise DecodeError(f"not a valid {route.type_name}: {exc}") from None
                 start = perf()
                 in_place = self._in_place.get(tp) if self._in_place else None
                 attempt = in_place[1] + 1 if in_place is not None and in_place[0] == offset else 0
@@ -397,6 +404,8 @@ class PluginRunner:
             return
         if err.fatal():
             raise BrokerUnavailable(f"{self.plugin.name}: fatal consumer error: {err.str()}")
+        if err.code() in _UNREACHABLE:
+            self.broker_down = True
         # librdkafka reports a broker outage on every poll until it recovers by itself:
         # say it once per error kind and interval, not twice a second.
         now = self.clock.monotonic()
@@ -458,6 +467,7 @@ class Worker:
         self._running = False
         self._stopped = False
         self._started: list[tuple[Plugin[Any], Any]] = []
+        self._broker_checked = 0.0
         self._topics: dict[str, int] = {}
         self._admin: Any = None
         self._producer: Any = None
@@ -471,6 +481,9 @@ class Worker:
         """Whether the worker reached the broker and joined every group, and if not, why."""
         if not self.broker_reached:
             return False, "broker not reached yet"
+        down = [r.plugin.name for r in self.runners if r.broker_down]
+        if down:
+            return False, f"the broker at {self.settings.bootstrap_servers} is unreachable ({', '.join(down)})"
         waiting = [r.plugin.name for r in self.runners if not r.joined]
         if waiting or not self.runners:
             return False, "waiting to join groups: " + ", ".join(waiting or ["starting"])
@@ -543,7 +556,10 @@ class Worker:
         self.last_beat = time.monotonic()
         if timeout is None:
             timeout = self.settings.poll_timeout / max(len(self.runners), 1)
-        return sum(runner.step(timeout, self.flush) for runner in self.runners)
+        handled = sum(runner.step(timeout, self.flush) for runner in self.runners)
+        if not handled and any(runner.broker_down for runner in self.runners):
+            self._check_broker()
+        return handled
 
     def flush(self) -> None:
         """Wait until every produced message is acknowledged or failed, beating the liveness clock."""
@@ -571,18 +587,38 @@ class Worker:
             log.info("worker stopped")
 
     def _wait_for_broker(self, wait: float) -> None:
+        """Reach the broker within ``wait`` seconds, saying what it waits for while it does."""
         admin = self.transport.admin(admin_config(self.settings))
-        deadline = time.monotonic() + wait
+        start = time.monotonic()
+        deadline = start + wait
         while True:
             try:
                 self._topics = admin.list_topics(timeout=min(5.0, max(wait, 0.1)))
                 break
-            except BrokerUnavailable:
-                if time.monotonic() >= deadline or not self._running:
+            except BrokerUnavailable as exc:
+                now = time.monotonic()
+                if now >= deadline or not self._running:
                     raise
-                self.last_beat = time.monotonic()
+                servers = self.settings.bootstrap_servers
+                log.warning("waiting for the broker at %s: %s (%.0f s left)", servers, exc, deadline - now)
+                self.last_beat = now
         self._admin = admin
         self.broker_reached = True
+        self._broker_checked = time.monotonic()
+
+    def _check_broker(self) -> None:
+        """While a consumer reports every broker down, ask the cluster for its topics now and then:
+        an answer means it is reachable again (a quiet topic gives no other sign of it)."""
+        now = time.monotonic()
+        if now - self._broker_checked < _BROKER_CHECK_INTERVAL:
+            return
+        self._broker_checked = now
+        try:
+            self._admin.list_topics(timeout=1.0)
+        except BrokerUnavailable:
+            return
+        for runner in self.runners:
+            runner.broker_down = False
 
     def _ensure_internal_topics(self) -> None:
         """Create missing retry and dead-letter topics, sized like the plugin's largest source
@@ -608,10 +644,6 @@ class Worker:
                 )  # fmt: skip
         if wanted:
             self._admin.create_topics(wanted)
-
-
-_DEAD: Any = object()  # a retry message that was dead-lettered at once: done, like a handled one
-
 
 
 def _fmt(partitions: list[TopicPartition]) -> str:
