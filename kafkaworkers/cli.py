@@ -6,6 +6,7 @@ naming the problem and what to do, and exits non-zero without a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import msgspec
 from kafkaworkers import __version__
 from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
 from kafkaworkers.config import DEFAULT_PARTITIONS, admin_config
+from kafkaworkers.config_cli import config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.headers import H_CORRELATION_ID
@@ -80,10 +82,14 @@ def run(
                 ready=lambda: worker.ready,
             ).start()
         except OSError as exc:
-            raise KafkaWorkersError(
-                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror};"
-                " pick another --metrics-port (0 turns it off)"
-            ) from None
+            # A port in use or reserved is the port's fault; any other failure (not an address
+            # of this machine, a name that does not resolve) is the host's.
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                hint = "pick another --metrics-port (0 turns it off)"
+            else:
+                hint = "pick a --metrics-host of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise KafkaWorkersError(f"cannot serve metrics on {where}: {exc.strerror or exc}; {hint}") from None
         click.echo(f"metrics and probes on http://{server.host}:{server.port}/metrics", err=True)
     signals = {"count": 0}
 
@@ -263,7 +269,11 @@ def topology(ctx: click.Context, fmt: str) -> None:
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds before giving up.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--bootstrap-servers", "-b", help="A real broker; default: the embedded in-memory broker.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Least severe level logged [default WARNING].",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -300,6 +310,7 @@ def _topic_type(host: PluginHost, topic: str) -> type:
 
 
 cli.add_command(dlq)
+cli.add_command(config)
 
 
 def main(argv: list[str] | None = None) -> None:
