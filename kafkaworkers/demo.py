@@ -107,7 +107,7 @@ def run_demo(
         try:
             # The clock starts once every group is joined: a real broker's join takes seconds
             # that are no part of the pipeline's throughput or latency.
-            _wait_until(lambda: worker.ready[0] or not thread.is_alive(), time.monotonic() + timeout)
+            _wait_until(lambda: worker.ready or not thread.is_alive(), time.monotonic() + timeout)
             inputs = list(scenario.generate(count, seed))
             start = time.monotonic()
             _publish(create_producer(settings, transport=transport), inputs)

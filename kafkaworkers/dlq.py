@@ -220,13 +220,7 @@ def read_dead_letters(
                 ends[p] = high
         if not ends:
             return
-        assign = getattr(consumer, "assign", None)
-        if assign is not None:
-            assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(ends)])
-        else:
-            # The in-memory consumer has no assign(); a fresh group reading from the
-            # beginning is the same thing there.
-            consumer.subscribe([topic])
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(ends)])
         deadline = time.monotonic() + timeout
         while ends:
             if time.monotonic() > deadline:
@@ -557,7 +551,10 @@ def _groups(host: PluginHost, settings: Settings, name: str | None) -> list[tupl
 _plugin_option = click.option("--plugin", "-p", "plugin", help="Only this plugin's dead letters.")
 _plugin_required = click.option("--plugin", "-p", "plugin", required=True, help="The plugin whose dead letters to use.")
 _group_option = click.option("--group-id", help="The plugin's consumer group, if it runs with --group-id.")
-_format_option = click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+_format_option = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="text for people, json for scripts.",
+)
 
 
 # --- commands ------------------------------------------------------------------------
