@@ -16,12 +16,13 @@ from typing import Any
 
 import msgspec
 import pytest
-from confluent_kafka import OFFSET_INVALID, TopicPartition
+from confluent_kafka import OFFSET_INVALID, KafkaError, TopicPartition
 
 from kafkaworkers import Context, PermanentError, Plugin, PluginEnv, PluginError, Retry, RetryPolicy, hookimpl
 from kafkaworkers.breaker import CLOSED
 from kafkaworkers.clock import ManualClock
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings
+from kafkaworkers.errors import ProducerFatal
 from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
@@ -723,3 +724,144 @@ def test_retry_and_dead_letter_topics_of_a_plugin_whose_sources_do_not_exist_get
 
     assert transport.broker.list_topics() == {"early-retry-1": DEFAULT_PARTITIONS, "early-dlq": DEFAULT_PARTITIONS}
     assert f"creating them with {DEFAULT_PARTITIONS} partitions" in caplog.text
+
+
+# --- producer faults and rebalances inside a fetch ----------------------------------------
+
+
+def test_a_fatal_producer_error_stops_the_worker_with_one_clear_error_and_stores_nothing(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin, calls = echo()
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    harness.broker.fail_deliveries("out", 1, KafkaError(KafkaError._FATAL, "producer fenced", fatal=True))
+    harness.produce("in", Ping(1))
+
+    with pytest.raises(ProducerFatal, match="the producer failed fatally"):
+        harness.worker.run_once(timeout=0.5)
+    assert calls == [1]
+    assert committed(harness, "echo", "in") == OFFSET_INVALID
+    assert harness.records("echo-retry-1") == [] and harness.records("echo-dlq") == []
+
+
+class LateJoin:
+    """A transport whose consumers see nothing on a fetch's first call and let another member
+    join the group right after its second: a rebalance lands between two consume calls of one fetch."""
+
+    def __init__(self, transport: MemoryTransport, group: str, topics: list[str]) -> None:
+        self.transport = transport
+        self.name = transport.name
+        self.group = group
+        self.topics = topics
+        self.joined: list[Any] = []
+        self._calls = 0
+
+    def consumer(self, config: Any) -> Any:
+        inner = self.transport.consumer(config)
+        if config["group.id"] != self.group:
+            return inner
+        late = self
+
+        class Consumer:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Any]:
+                late._calls += 1
+                if late._calls == 1:
+                    return []
+                messages = inner.consume(num_messages, timeout)
+                if late._calls == 2:
+                    newcomer = late.transport.consumer({**config, "stats_cb": None})
+                    newcomer.subscribe(late.topics)
+                    late.joined.append(newcomer)
+                return messages
+
+        return Consumer()
+
+    def producer(self, config: Any) -> Any:
+        return self.transport.producer(config)
+
+    def admin(self, config: Any) -> Any:
+        return self.transport.admin(config)
+
+
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
+def test_a_message_of_a_partition_revoked_between_two_consume_calls_of_a_fetch_is_not_handled(
+    tmp_path: Any, assignor: str
+) -> None:
+    plugin = Plugin("late", retry=RetryPolicy(delays=(), jitter=0.0))
+    handled: list[tuple[int, int]] = []
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        handled.append((ctx.partition, ping.n))
+
+    broker = MemoryBroker()
+    broker.create_topic("in", 2)
+    memory = MemoryTransport(broker)
+    producer = memory.producer({})
+    producer.produce("in", msgspec.json.encode(Ping(1)), b"k", partition=1)
+    producer.flush()
+    transport = LateJoin(memory, "late", ["in"])
+    host = PluginHost()
+    host.register(plugin, plugin.name)
+    settings = Settings(
+        bootstrap_servers="memory://late", data_dir=str(tmp_path), batch_size=2,
+        consumer={"partition.assignment.strategy": assignor},
+    )  # fmt: skip
+    worker = Worker([plugin], settings, host, transport=transport)
+    worker.start(broker_wait=0)
+    try:
+        worker.run_once(timeout=0.5)
+        [newcomer] = transport.joined
+        kept = {tp.partition for tp in worker.runners[0].consumer.assignment()}
+        assert 1 not in kept, "the rebalance did not move the partition with the message: the test proves nothing"
+        assert handled == [], "handled a message of a partition revoked inside the fetch"
+        newcomer.close()
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
+def test_a_paused_partition_handed_back_by_a_rebalance_flows_again(tmp_path: Any, assignor: str) -> None:
+    clock = ManualClock()
+    plugin = Plugin("back", retry=RetryPolicy(delays=(5.0,), jitter=0.0))
+    attempts: list[int] = []
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("try later")
+
+    broker = MemoryBroker()
+    broker.create_topic("in", 1)
+    transport = MemoryTransport(broker)
+    host = PluginHost()
+    host.register(plugin, plugin.name)
+    settings = Settings(
+        bootstrap_servers="memory://back", data_dir=str(tmp_path), consumer={"partition.assignment.strategy": assignor}
+    )
+    producer = transport.producer({})
+    producer.produce("in", msgspec.json.encode(Ping(1)), b"k")
+    producer.flush()
+    first = Worker([plugin], settings, host, transport=transport, clock=clock)
+    first.start(broker_wait=0)
+    second = Worker([plugin], settings, host, transport=transport, clock=clock)
+    try:
+        for _ in range(5):
+            first.run_once(timeout=0.01)
+        assert first.runners[0].paused, "the retry partition waits for its message to come due"
+        second.start(broker_wait=0)
+        for _ in range(5):
+            first.run_once(timeout=0.01)
+            second.run_once(timeout=0.01)
+        second.close()
+        clock.advance(5.0)
+        for _ in range(10):
+            first.run_once(timeout=0.01)
+        assert attempts == [1, 2], "the retried message was never handled: its partition stayed paused"
+    finally:
+        first.close()
+        second.close()
