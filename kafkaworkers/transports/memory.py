@@ -298,12 +298,11 @@ class MemoryBroker:
             elif partition >= len(parts):
                 raise KafkaException(KafkaError(
                     KafkaError._UNKNOWN_PARTITION, "Unable to produce message: Unknown partition"))
-            if self._failures:
-                count, error = self._failures.get(topic, (0, None))
-                if count:
-                    self._failures[topic] = (count - 1, error)
-                    return MemoryMessage(topic, partition, None, key, value, headers, timestamp,
-                                         error)
+            failure = self._failures.get(topic) if self._failures else None
+            if failure and failure[0]:
+                count, error = failure
+                self._failures[topic] = (count - 1, error)
+                return MemoryMessage(topic, partition, None, key, value, headers, timestamp, error)
             log = parts[partition]
             log.append(MemoryMessage(topic, partition, len(log), key, value, headers, timestamp))
             self._cond.notify_all()
