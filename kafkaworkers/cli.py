@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import uuid
 from typing import Any
 
@@ -19,7 +20,6 @@ import msgspec
 
 from kafkaworkers import __version__
 from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
-from kafkaworkers.config import DEFAULT_PARTITIONS, admin_config
 from kafkaworkers.config_cli import config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
@@ -27,8 +27,10 @@ from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers.plugins import PluginHost, type_name
 from kafkaworkers.producer import create_producer
 from kafkaworkers.producer import produce as send
-from kafkaworkers.retry import dlq_topic, retry_topic
-from kafkaworkers.transports import MEMORY_URL, transport_for
+from kafkaworkers.progress import progress, rate
+from kafkaworkers.samples import sample, schema
+from kafkaworkers.topics import KeyFieldError, check_key_field, message_key, topic_type, topics
+from kafkaworkers.transports import MEMORY_URL
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,8 +62,14 @@ def run(
     from kafkaworkers.worker import Worker
 
     host = plugin_host(ctx)
-    if bool(names) == run_all:
+    if names and run_all:
+        raise click.UsageError("--all runs every installed plugin; it does not combine with --plugin")
+    if not names and not run_all:
         raise click.UsageError("name plugins with --plugin NAME, or pass --all")
+    # Two members of one group in one process would only rebalance against each other.
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise click.UsageError(f"--plugin {', '.join(repeated)} given more than once; each plugin runs once a process")
     settings = load_cli_settings(config_file, **overrides)
     plugins = list(host.plugins.values()) if run_all else host.select(names)
     for broken in host.broken if run_all else []:
@@ -109,7 +117,9 @@ def run(
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format."
+)
 @click.pass_context
 def plugins(ctx: click.Context, fmt: str) -> None:
     """List installed plugins: where each came from, what it consumes and produces, or why it is broken."""
@@ -149,72 +159,31 @@ def plugins(ctx: click.Context, fmt: str) -> None:
             click.echo(f"    produces {topic}: {typ}")
 
 
-@cli.group()
-def topics() -> None:
-    """Manage the topics the installed plugins declare."""
-
-
-@topics.command("create")
-@click.option("--partitions", type=click.IntRange(1), default=DEFAULT_PARTITIONS, show_default=True)
-@click.option("--replication-factor", type=click.IntRange(1), default=1, show_default=True)
-@settings_options
-@click.pass_context
-def topics_create(
-    ctx: click.Context, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
-) -> None:
-    """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent).
-
-    A topic that already exists is left as it is; one with another partition count than
-    asked is flagged, since its keys would not spread (or, for a retry topic, not line up
-    with its source) as the operator expects.
-    """
-    host = plugin_host(ctx)
-    settings = load_cli_settings(config_file, **overrides)
-    names: set[str] = set()
-    for plugin in host.plugins.values():
-        group = settings.group_for(plugin.name)
-        names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
-        if plugin.retry.mode == "topics":
-            names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
-    admin = transport_for(settings.bootstrap_servers).admin(admin_config(settings))
-    before = admin.list_topics()
-    result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])
-    mismatched = 0
-    for name, status in sorted(result.items()):
-        count = before.get(name, partitions)
-        if status == "exists" and count != partitions:
-            mismatched += 1
-            click.echo(f"{status:8} {name}  with {count} partition{'s' * (count != 1)}, asked {partitions}")
-        else:
-            click.echo(f"{status:8} {name}")
-    created = sum(s == "created" for s in result.values())
-    click.echo(f"{created} created, {len(result) - created} existed")
-    if mismatched:
-        click.echo(
-            f"{mismatched} existing topic(s) have another partition count than asked; kafkaworkers never resizes"
-            f" a topic. To grow one: kafka-topics.sh --bootstrap-server {settings.bootstrap_servers} --alter"
-            f" --topic NAME --partitions {partitions} (keys written from then on may land on other partitions);"
-            " Kafka cannot shrink one: delete it and run this command again, once it is drained.",
-            err=True,
-        )
-
-
 @cli.command()
 @click.argument("topic")
 @click.option("--file", "-f", "source", type=click.File("rb"), default="-", help="JSON lines; - for stdin.")
-@click.option("--key", "key_field", help="Use this field of each message as its key.")
+@click.option("--key", "key_field", help="Use this field of each message as its key (a string or integer field).")
+@click.option("--dry-run", is_flag=True, help="Validate every line against the topic's type; send nothing.")
 @settings_options
 @click.pass_context
 def produce(
-    ctx: click.Context, topic: str, source: Any, key_field: str | None, config_file: str | None, **overrides: Any
+    ctx: click.Context,
+    topic: str,
+    source: Any,
+    key_field: str | None,
+    dry_run: bool,
+    config_file: str | None,
+    **overrides: Any,
 ) -> None:
     """Publish JSON lines to TOPIC, each validated against the topic's declared type."""
     host = plugin_host(ctx)
     settings = load_cli_settings(config_file, **overrides)
-    typ = _topic_type(host, topic)
+    typ = topic_type(host, topic)
+    if key_field:
+        check_key_field(typ, key_field)
     decoder = msgspec.json.Decoder(typ)
     encoder = msgspec.json.Encoder()
-    producer = create_producer(settings)
+    producer = None if dry_run else create_producer(settings)
     failures: list[str] = []
     delivery_errors: list[str] = []
     sent = 0
@@ -223,36 +192,50 @@ def produce(
         if err is not None:
             delivery_errors.append(err.str())
 
-    for number, line in enumerate(source, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            failures.append(f"line {number}: {exc}")
-            continue
-        key = None
-        if key_field:
-            raw_key = msgspec.to_builtins(value).get(key_field) if hasattr(value, "__struct_fields__") else None
-            key = str(raw_key).encode() if raw_key is not None else None
-        headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
-        send(producer, topic, encoder.encode(value), key, headers, on_delivery)
-        producer.poll(0)
-        sent += 1
-    remaining = producer.flush(30)
+    started = time.monotonic()
+    with progress(source, f"{'checking' if dry_run else 'producing'} {topic}") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = decoder.decode(line)
+                key = message_key(value, key_field) if key_field else None
+            except (msgspec.DecodeError, KeyFieldError) as exc:
+                failures.append(f"line {number}: {exc}")
+                continue
+            sent += 1
+            if producer is None:
+                continue
+            headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
+            send(producer, topic, encoder.encode(value), key, headers, on_delivery)
+            producer.poll(0)
+    remaining = producer.flush(30) if producer is not None else 0
     for failure in failures:
-        click.echo(f"kafkaworkers: rejected {failure}", err=True)
+        click.echo(f"kafkaworkers: error: rejected {failure}", err=True)
     for error in delivery_errors[:5]:
-        click.echo(f"kafkaworkers: delivery failed: {error}", err=True)
-    delivered = sent - len(delivery_errors) - remaining
-    click.echo(f"{delivered} sent to {topic}, {len(failures)} rejected, {len(delivery_errors) + remaining} undelivered")
+        click.echo(f"kafkaworkers: error: delivery failed: {error}", err=True)
+    took = time.monotonic() - started
+    if dry_run:
+        click.echo(f"{sent} valid for {topic}, {len(failures)} rejected (dry run: nothing sent)")
+    else:
+        delivered = sent - len(delivery_errors) - remaining
+        undelivered = len(delivery_errors) + remaining
+        click.echo(
+            f"{delivered} sent to {topic}, {len(failures)} rejected, {undelivered} undelivered"
+            f" in {took:.1f} s ({rate(delivered, took)})"
+        )
     if failures or delivery_errors or remaining:
         ctx.exit(EXIT_ERROR)
 
 
 @cli.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json", "mermaid", "dot"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "mermaid", "dot"]),
+    default="text",
+    show_default=True,
+    help="text or json, or a mermaid or Graphviz dot graph.",
 )
 @click.pass_context
 def topology(ctx: click.Context, fmt: str) -> None:
@@ -265,9 +248,11 @@ def topology(ctx: click.Context, fmt: str) -> None:
 
 @cli.command()
 @click.option("--orders", "count", type=click.IntRange(1), default=200, show_default=True, help="Units of work.")
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True, help="The same seed gives the same orders.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds before giving up.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
 @click.option("--bootstrap-servers", "-b", help="A real broker; default: the embedded in-memory broker.")
 @click.option(
     "--log-level",
@@ -299,18 +284,11 @@ def demo(
         ctx.exit(EXIT_ERROR)
 
 
-def _topic_type(host: PluginHost, topic: str) -> type:
-    for plugin in host.plugins.values():
-        if topic in plugin.subscriptions:
-            return plugin.subscriptions[topic].type
-        if topic in plugin.produced:
-            return plugin.produced[topic]
-    known = sorted({t for p in host.plugins.values() for t in [*p.subscriptions, *p.produced]})
-    raise KafkaWorkersError(f"no installed plugin declares topic {topic!r}; declared: {', '.join(known) or 'none'}")
-
-
 cli.add_command(dlq)
 cli.add_command(config)
+cli.add_command(schema)
+cli.add_command(sample)
+cli.add_command(topics)
 
 
 def main(argv: list[str] | None = None) -> None:

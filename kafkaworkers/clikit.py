@@ -6,8 +6,10 @@ neither imports the other's internals.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
+import sys
 from typing import Any
 
 import click
@@ -40,7 +42,11 @@ EXIT_ERROR = 1
 
 
 class OneLineErrors(click.Group):
-    """A click group that turns kafkaworkers errors into one line on stderr and exit status 1."""
+    """A click group that turns kafkaworkers errors into one line on stderr and exit status 1.
+
+    As the root group it prints click's own usage errors the same way (``kafkaworkers: error:``,
+    exit status 2); as any group it suggests the closest command to a misspelled one.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -48,6 +54,34 @@ class OneLineErrors(click.Group):
         except KafkaWorkersError as exc:
             click.echo(f"kafkaworkers: error: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        # Click 8.1 (the oldest supported) suggests only options.
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
+            if close:
+                ctx.fail(f"no such command {name!r}; did you mean {close[0]!r}?")
+        return super().resolve_command(ctx, args)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            click.echo(f"kafkaworkers: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"kafkaworkers: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("kafkaworkers: error: aborted", err=True)
+            sys.exit(EXIT_ERROR)
+        # Without standalone mode click returns an exit code from ctx.exit(), else the command's value.
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 _settings_options = [

@@ -16,11 +16,21 @@ transports implement it, and nothing else may be relied on.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import TopicPartition
 
-__all__ = ["Admin", "Consumer", "Message", "Producer", "TopicPartition", "Transport", "transport_for"]
+__all__ = [
+    "Admin",
+    "Consumer",
+    "Message",
+    "Producer",
+    "TopicDescription",
+    "TopicPartition",
+    "Transport",
+    "transport_for",
+]
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -82,6 +92,19 @@ class Producer(Protocol):
     def __len__(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class TopicDescription:
+    """What ``kafkaworkers topics describe`` shows of one topic.
+
+    :param config: the properties set on the topic itself (Kafka's dynamic topic configs),
+        not the broker defaults it inherits.
+    """
+
+    partitions: int
+    replication: int
+    config: dict[str, str] = field(default_factory=dict)
+
+
 class Admin(Protocol):
     """Topic administration, reduced to what ``kafkaworkers topics`` needs."""
 
@@ -94,6 +117,14 @@ class Admin(Protocol):
 
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
         """Every topic with its partition count."""
+        ...
+
+    def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
+        """Partitions, replication and own config of a topic; None if it does not exist."""
+        ...
+
+    def delete_topics(self, names: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
+        """Delete topics; map each name to "deleted" or "missing"."""
         ...
 
 

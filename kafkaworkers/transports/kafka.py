@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import confluent_kafka
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, NewTopic, ResourceType
 
 from kafkaworkers.errors import BrokerUnavailable
+from kafkaworkers.transports import TopicDescription
 
 __all__ = ["KafkaAdmin", "KafkaTransport"]
 
@@ -48,14 +49,50 @@ class KafkaAdmin:
         self._client = AdminClient(shared)
 
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
+        metadata = self._metadata(None, timeout)
+        return {name: len(t.partitions) for name, t in metadata.topics.items() if not name.startswith("__")}
+
+    def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
+        topic = self._metadata(name, timeout).topics.get(name)
+        if topic is None or topic.error is not None:
+            return None
+        replication = max((len(p.replicas) for p in topic.partitions.values()), default=0)
+        future = self._client.describe_configs([ConfigResource(ResourceType.TOPIC, name)])
         try:
-            metadata = self._client.list_topics(timeout=timeout)
+            [entries] = [f.result(timeout) for f in future.values()]
+        except confluent_kafka.KafkaException as exc:
+            raise BrokerUnavailable(f"cannot read the config of topic {name!r}: {_reason(exc)}") from None
+        # What kafka-topics.sh --describe calls Configs: the values set on the topic itself.
+        config = {
+            key: str(entry.value)
+            for key, entry in sorted(entries.items())
+            if entry.source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value and not entry.is_sensitive
+        }
+        return TopicDescription(len(topic.partitions), replication, config)
+
+    def delete_topics(self, names: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
+        if not names:
+            return {}
+        result: dict[str, str] = {}
+        for name, future in self._client.delete_topics(list(names), operation_timeout=timeout).items():
+            try:
+                future.result(timeout)
+                result[name] = "deleted"
+            except confluent_kafka.KafkaException as exc:
+                err = exc.args[0]
+                if err.code() != confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise BrokerUnavailable(f"cannot delete topic {name!r}: {err.str()}") from None
+                result[name] = "missing"
+        return result
+
+    def _metadata(self, topic: str | None, timeout: float) -> Any:
+        try:
+            return self._client.list_topics(topic, timeout=timeout)
         except confluent_kafka.KafkaException as exc:
             raise BrokerUnavailable(
                 f"cannot reach Kafka at {self._servers} ({_reason(exc)}); start a broker"
                 " (make kafka-up) or pass --bootstrap-servers / KAFKAWORKERS_BOOTSTRAP_SERVERS"
             ) from None
-        return {name: len(t.partitions) for name, t in metadata.topics.items() if not name.startswith("__")}
 
     def create_topics(
         self, topics: Sequence[tuple[str, int, int]], config: Mapping[str, str] | None = None, timeout: float = 30.0

@@ -48,6 +48,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from kafkaworkers.transports import TopicDescription
+
 __all__ = ["MemoryAdmin", "MemoryBroker", "MemoryConsumer", "MemoryMessage", "MemoryProducer",
            "MemoryTransport", "murmur2"]
 
@@ -232,6 +234,21 @@ class MemoryBroker:
         """Every topic with its partition count."""
         with self._cond:
             return {name: len(parts) for name, parts in self._topics.items()}
+
+    def delete_topic(self, name: str) -> bool:
+        """Delete a topic with its records and committed offsets; False when there is none.
+
+        Groups subscribed to it rebalance without it; a consumer that ``assign()``-ed one of
+        its partitions is not told (not modelled).
+        """
+        with self._cond:
+            if self._topics.pop(name, None) is None:
+                return False
+            self._committed = {k: v for k, v in self._committed.items() if k[1] != name}
+            for group, members in self._groups.items():
+                if any(member._subscribes(name) for member in members):
+                    self._rebalance(group)
+            return True
 
     def records(self, topic: str) -> list[MemoryMessage]:
         """Everything a topic holds, partition by partition, for assertions."""
@@ -779,6 +796,15 @@ class MemoryAdmin:
     def list_topics(self, timeout: float = 10.0) -> dict[str, int]:
         """Every topic with its partition count."""
         return self._broker.list_topics()
+
+    def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
+        """A topic's partitions; replication is 1 and no topic config is kept here."""
+        partitions = self._broker.list_topics().get(name)
+        return None if partitions is None else TopicDescription(partitions, 1)
+
+    def delete_topics(self, names: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
+        """Delete topics; map each name to "deleted" or "missing"."""
+        return {name: "deleted" if self._broker.delete_topic(name) else "missing" for name in names}
 
 
 class MemoryTransport:

@@ -123,7 +123,9 @@ def kafkaworkers_declare() -> Plugin[Relatorios]:
 
 
 @click.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format."
+)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
