@@ -36,6 +36,7 @@ import msgspec
 
 from kafkaworkers.breaker import CircuitBreaker
 from kafkaworkers.errors import PluginError
+from kafkaworkers.headers import H_ATTEMPT, H_CORRELATION_ID, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.hookspecs import hookimpl
 from kafkaworkers.retry import RetryPolicy
 
@@ -49,10 +50,6 @@ H = TypeVar("H", bound=Handler)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-
-#: Header carrying the id that ties every event of one business flow together.
-CORRELATION_HEADER = "kw-correlation-id"
-
 
 @dataclass(frozen=True, slots=True)
 class Subscription(Generic[T]):
@@ -106,7 +103,7 @@ class Context(Generic[S]):
         topic = self._message.topic()
         if topic in self.plugin.subscriptions:
             return topic
-        return self.headers.get("kw-original-topic", b"").decode("utf-8", "replace") or topic
+        return self.headers.get(H_ORIGINAL_TOPIC, b"").decode("utf-8", "replace") or topic
 
     @property
     def partition(self) -> int:
@@ -147,12 +144,11 @@ class Context(Generic[S]):
         """1 on first delivery, 2 on the first retry, and so on."""
         if self._attempt:  # retry mode "pause": the loop counts deliveries of the message it waits on
             return self._attempt
-        raw = self.headers.get("kw-attempt")
-        return int(raw) + 1 if raw and raw.isdigit() and len(raw) <= 18 else 1
+        return number(self.headers.get(H_ATTEMPT)) + 1
 
     @property
     def correlation_id(self) -> str | None:
-        raw = self.headers.get(CORRELATION_HEADER)
+        raw = self.headers.get(H_CORRELATION_ID)
         return raw.decode("utf-8", "replace") if raw is not None else None
 
     def produce(
@@ -182,9 +178,9 @@ class Context(Generic[S]):
                 f"which is declared to carry {_type_name(self.plugin.produced[topic])}"
             )
         out: list[tuple[str, bytes]] = []
-        correlation = self._header(CORRELATION_HEADER)
-        if correlation is not None and not (headers and CORRELATION_HEADER in headers):
-            out.append((CORRELATION_HEADER, correlation))
+        correlation = self._header(H_CORRELATION_ID)
+        if correlation is not None and not (headers and H_CORRELATION_ID in headers):
+            out.append((H_CORRELATION_ID, correlation))
         if headers:
             out.extend((k, v.encode() if isinstance(v, str) else v) for k, v in headers.items())
         if key is None:
@@ -202,13 +198,6 @@ def _encode(value: Any) -> bytes:
 def encode(value: Any) -> bytes:
     """The wire form of a message: msgspec JSON (bytes pass through untouched)."""
     return _encode(value)
-
-
-def parse_headers(raw: list[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
-    """Kafka headers as a dict; a null header value becomes ``b""``, names are kept as given."""
-    if not raw:
-        return {}
-    return {k: v if v is not None else b"" for k, v in raw}
 
 
 class Plugin(Generic[S]):

@@ -155,6 +155,12 @@ class Partitions:
             self._on_change(len(self.paused))
 
 
+def _fatal(err: KafkaError) -> bool:
+    """Whether the producer can produce no more: librdkafka flags it on ``error_cb`` errors, but
+    the errors ``produce()`` and delivery reports carry afterwards only have the ``_FATAL`` code."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
 class _Report:
     """The delivery callback of one produced message: which consumed message it came from."""
 
@@ -243,7 +249,7 @@ class Batch:
             produce(self.producer, topic, value, key, headers, _Report(self, self.source, OUTPUT))
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
-            if err.fatal():
+            if _fatal(err):
                 self.fatal = err
             if err.code() in _REFUSED:
                 raise MessageTooLarge(f"the producer refused a message to {topic!r}: {err.str()}") from None
@@ -296,7 +302,7 @@ class Batch:
 
     def refused(self, source: Message, kind: str, topic: str, err: KafkaError) -> None:
         """The producer or the broker refused a message: judged in :meth:`finish`."""
-        if err.fatal():
+        if _fatal(err):
             self.fatal = err
         self.refusals.append((source, kind, topic, err))
 

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from kafkaworkers import Context, DecodeError, Plugin, RetryPolicy
-from kafkaworkers.api import parse_headers
 from kafkaworkers.headers import (
     H_ATTEMPT,
     H_DUE,
@@ -35,6 +34,7 @@ from kafkaworkers.headers import (
     H_ORIGINAL_TIMESTAMP,
     H_ORIGINAL_TOPIC,
     H_PLUGIN,
+    parse_headers,
 )
 from kafkaworkers.retry import MAX_ERROR_TEXT, failure_headers
 from kafkaworkers.testing import Harness

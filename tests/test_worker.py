@@ -729,12 +729,18 @@ def test_retry_and_dead_letter_topics_of_a_plugin_whose_sources_do_not_exist_get
 # --- producer faults and rebalances inside a fetch ----------------------------------------
 
 
+@pytest.mark.parametrize(
+    "error",
+    # librdkafka flags fatal() only on error_cb errors; delivery reports after it carry the _FATAL code.
+    [KafkaError(KafkaError._FATAL, "producer fenced", fatal=True), KafkaError(KafkaError._FATAL, "producer fenced")],
+    ids=["flagged", "code"],
+)
 def test_a_fatal_producer_error_stops_the_worker_with_one_clear_error_and_stores_nothing(
-    kafkaworkers_harness: MakeHarness,
+    kafkaworkers_harness: MakeHarness, error: KafkaError
 ) -> None:
     plugin, calls = echo()
     harness = kafkaworkers_harness(plugin, partitions=1)
-    harness.broker.fail_deliveries("out", 1, KafkaError(KafkaError._FATAL, "producer fenced", fatal=True))
+    harness.broker.fail_deliveries("out", 1, error)
     harness.produce("in", Ping(1))
 
     with pytest.raises(ProducerFatal, match="the producer failed fatally"):
