@@ -55,7 +55,11 @@ class Harness:
         self.broker = MemoryBroker()
         self.transport = MemoryTransport(self.broker)
         self.host = PluginHost()
-        for obj in plugins:
+        # Modules and observers first: a module passed for its hooks may declare a plugin that is
+        # passed too, and that plugin is then registered once, through its module.
+        for obj in sorted(plugins, key=lambda obj: isinstance(obj, Plugin)):
+            if isinstance(obj, Plugin) and self.host.plugins.get(obj.name) is obj:
+                continue
             self.host.register(obj, getattr(obj, "name", None) or f"observer-{next(_names)}")
         self.host.check()
         workers = list(self.host.plugins.values())
