@@ -411,7 +411,7 @@ def test_chaos_dependency_down_30s_opens_the_breaker_pauses_and_dead_letters_not
 
     outage.touch()
     kafka.produce(kwtest.ping, pings(before_outage, total))
-    wait_for(lambda: "breaker 'downstream' is open" in kwtest.log(), 30, "the breaker to open and pause")
+    wait_for(lambda: "breaker open: 'downstream'" in kwtest.log(), 30, "the breaker to open and pause")
     # The outage's length is the scenario: the dependency stays down for 30 s.
     time.sleep(30)
     assert len(set(kwtest.handled())) < total, "pings were handled while the dependency was down"
