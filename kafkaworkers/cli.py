@@ -87,7 +87,7 @@ def run(
                 settings.metrics_port,
                 metrics.registry,
                 live=lambda: worker.alive(settings.liveness_timeout),
-                ready=lambda: worker.ready,
+                ready=worker.readiness,
             ).start()
         except OSError as exc:
             # A port in use or reserved is the port's fault; any other failure (not an address

@@ -89,7 +89,7 @@ from kafkaworkers.headers import (
 )
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer, produce
-from kafkaworkers.retry import dlq_topic, retry_topic
+from kafkaworkers.retry import dlq_topic, retry_topic, retry_topics
 from kafkaworkers.transports import Transport, transport_for
 
 __all__ = [
@@ -711,7 +711,7 @@ def dlq_replay(
     host = plugin_host(ctx)
     [(name, group)] = _groups(host, settings, plugin)
     policy = host.plugins[name].retry
-    if to == "group" and (policy.mode != "topics" or not policy.delays):
+    if to == "group" and not retry_topics(group, policy):
         raise KafkaWorkersError(
             f"plugin {name} has no retry topics (its RetryPolicy retries nothing, or in place: mode='pause'),"
             f" so group {group} has none to replay into; pass --to original to re-publish on the original"

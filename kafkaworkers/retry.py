@@ -57,6 +57,7 @@ __all__ = [
     "dlq_topic",
     "failure_headers",
     "retry_topic",
+    "retry_topics",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,12 @@ Mode = Literal["topics", "pause"]
 def retry_topic(group: str, level: int) -> str:
     """The retry topic of a plugin's consumer group for attempt ``level`` (1-based)."""
     return f"{group}-retry-{level}"
+
+
+def retry_topics(group: str, policy: RetryPolicy) -> list[str]:
+    """Every retry topic of a plugin's group: one per delay in ``topics`` mode, none in ``pause`` mode."""
+    levels = len(policy.delays) if policy.mode == "topics" else 0
+    return [retry_topic(group, level) for level in range(1, levels + 1)]
 
 
 def dlq_topic(group: str) -> str:
@@ -188,8 +195,7 @@ class FailureRouter:
         self.plugin = plugin
         self.policy = policy
         self.clock = clock
-        levels = len(policy.delays) if policy.mode == "topics" else 0
-        self.retry_topics = [retry_topic(group, i + 1) for i in range(levels)]
+        self.retry_topics = retry_topics(group, policy)
         self.dlq = dlq_topic(group)
         self.max_bytes = max_message_bytes - _RECORD_OVERHEAD
         self.max_dead_value = min(DLQ_MAX_VALUE, self.max_bytes)

@@ -25,7 +25,7 @@ from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.dlq import ledger_topic
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost, type_name
-from kafkaworkers.retry import dlq_topic, retry_topic
+from kafkaworkers.retry import dlq_topic, retry_topics
 from kafkaworkers.transports import Admin, transport_for
 
 __all__ = [
@@ -164,11 +164,10 @@ def declared_topics(host: PluginHost, settings: Settings) -> dict[str, TopicRole
             declared.type = declared.type or type_name(typ)
             declared.writers.append(name)
         group = settings.group_for(name)
-        if plugin.retry.mode == "topics":
-            for level in range(1, len(plugin.retry.delays) + 1):
-                retry = role(retry_topic(group, level), "retry", group)
-                retry.readers.append(name)
-                retry.writers.append(name)
+        for topic in retry_topics(group, plugin.retry):
+            retry = role(topic, "retry", group)
+            retry.readers.append(name)
+            retry.writers.append(name)
         role(dlq_topic(group), "dlq", group).writers.append(name)
         if "dlq replay" not in roles[dlq_topic(group)].readers:
             roles[dlq_topic(group)].readers.append("dlq replay")
@@ -250,9 +249,7 @@ def topics_create(
     names: set[str] = set()
     for plugin in host.plugins.values():
         group = settings.group_for(plugin.name)
-        names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)])
-        if plugin.retry.mode == "topics":
-            names.update(retry_topic(group, i + 1) for i in range(len(plugin.retry.delays)))
+        names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)], retry_topics(group, plugin.retry))
     admin = _admin(settings)
     before = admin.list_topics()
     result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])

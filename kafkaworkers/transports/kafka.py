@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, New
 from kafkaworkers.errors import BrokerUnavailable
 from kafkaworkers.transports import TopicDescription
 
-__all__ = ["KafkaAdmin", "KafkaTransport"]
+__all__ = ["KafkaAdmin", "KafkaTransport", "unreachable"]
 
 
 class KafkaTransport:
@@ -38,6 +39,7 @@ class KafkaAdmin:
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self._servers = config.get("bootstrap.servers", "?")
+        self._protocol = str(config.get("security.protocol", "plaintext")).upper()
         # Consumer/producer-only properties make AdminClient warn; keep the shared ones.
         shared = {
             k: v
@@ -89,10 +91,7 @@ class KafkaAdmin:
         try:
             return self._client.list_topics(topic, timeout=timeout)
         except confluent_kafka.KafkaException as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Kafka at {self._servers} ({_reason(exc)}); start a broker"
-                " (make kafka-up) or pass --bootstrap-servers / KAFKAWORKERS_BOOTSTRAP_SERVERS"
-            ) from None
+            raise BrokerUnavailable(unreachable(self._servers, self._protocol, _reason(exc))) from None
 
     def create_topics(
         self, topics: Sequence[tuple[str, int, int]], config: Mapping[str, str] | None = None, timeout: float = 30.0
@@ -125,3 +124,36 @@ class KafkaAdmin:
 def _reason(exc: confluent_kafka.KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return err.str() if isinstance(err, confluent_kafka.KafkaError) else str(exc)
+
+
+def unreachable(servers: str, protocol: str, reason: str) -> str:
+    """Why no broker answered, said with what was tried and what to do.
+
+    librdkafka reports "transport failure" both when nothing listens and when a listener
+    refuses the client's protocol (SASL or TLS against a plaintext port); a TCP connect to
+    each address tells the two apart.
+    """
+    listening = [address for address in servers.split(",") if _listens(address.strip())]
+    tried = f"{servers} over {protocol}"
+    if not listening:
+        return (
+            f"cannot reach Kafka at {tried}: nothing listens there ({reason}). Start a broker"
+            " (`make kafka-up` starts one on 127.0.0.1:19092) or pass --bootstrap-servers /"
+            " KAFKAWORKERS_BOOTSTRAP_SERVERS"
+        )
+    return (
+        f"cannot talk to Kafka at {tried}: {', '.join(listening)} accepts connections but no Kafka"
+        f" handshake completed ({reason}). Check that security.protocol and the sasl.* / ssl.*"
+        " settings match that listener (KAFKAWORKERS_KAFKA_SECURITY_PROTOCOL, [kafka] in kafkaworkers.toml)"
+    )
+
+
+def _listens(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
