@@ -48,7 +48,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from kafkaworkers.transports import TopicDescription
+from kafkaworkers.transports import Message, TopicDescription
 
 __all__ = ["MemoryAdmin", "MemoryBroker", "MemoryConsumer", "MemoryMessage", "MemoryProducer",
            "MemoryTransport", "murmur2"]
@@ -449,7 +449,7 @@ class MemoryConsumer:
                               for tp in partitions}
             self._cond.notify_all()
 
-    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[MemoryMessage]:
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` records, round-robin over the assigned, unpaused partitions,
         waiting at most ``timeout`` seconds (-1: forever) for the first; [] on timeout.
         Rebalance callbacks due run first."""
@@ -476,12 +476,12 @@ class MemoryConsumer:
                 if remaining is not None and remaining <= 0:
                     return []
                 self._cond.wait(remaining)
-    def poll(self, timeout: float | None = None) -> MemoryMessage | None:
+    def poll(self, timeout: float | None = None) -> Message | None:
         """One record, or None after ``timeout`` seconds (None or -1: forever)."""
         batch = self.consume(1, -1 if timeout is None else timeout)
         return batch[0] if batch else None
 
-    def store_offsets(self, message: MemoryMessage | None = None,
+    def store_offsets(self, message: Message | None = None,
                       offsets: list[TopicPartition] | None = None) -> None:
         """Store the next offset to commit: ``message``'s offset + 1, or ``offsets`` as given.
 
@@ -495,7 +495,13 @@ class MemoryConsumer:
             raise KafkaException(KafkaError(KafkaError._INVALID_ARG,
                                             "StoreOffsets failed: enable.auto.offset.store=true"))
         if message is not None:
-            offsets = [TopicPartition(message.topic(), message.partition(), message.offset() + 1)]
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is None or partition is None or offset is None:
+                # A consumer error is no record: librdkafka refuses it the same way.
+                raise KafkaException(KafkaError(KafkaError._INVALID_ARG,
+                                                f"Cannot store offsets for message with error: {message.error()}"))
+            offsets = [TopicPartition(topic, partition, offset + 1)]
+        assert offsets is not None  # one of message and offsets was checked to be given
         with self._cond:
             mine = [tp for tp in offsets if (tp.topic, tp.partition) in self._owned]
             if offsets and not mine:
@@ -615,7 +621,7 @@ class MemoryConsumer:
             members.append(self)
         self._broker._rebalance(self.group_id)
 
-    def _take_errors(self, limit: int) -> list[MemoryMessage]:
+    def _take_errors(self, limit: int) -> list[Message]:
         errors = self._errors
         return [errors.popleft() for _ in range(min(limit, len(errors)))]
 
@@ -676,7 +682,7 @@ class MemoryConsumer:
         # Nothing committed or out of range: a real fetch falls back to auto.offset.reset too.
         return 0 if self._earliest and offset != OFFSET_END else high
 
-    def _fetch(self, limit: int) -> list[MemoryMessage]:
+    def _fetch(self, limit: int) -> list[Message]:
         live = sorted(self._owned - self._paused)
         if not live:
             return []
@@ -684,17 +690,17 @@ class MemoryConsumer:
         start = self._cursor % len(live)
         self._cursor = start + 1
         queue = deque(live[start:] + live[:start])
-        batch: list[MemoryMessage] = []
+        batch: list[Message] = []
+        auto_store = self._auto_store
         while queue and len(batch) < limit:
             key = queue.popleft()
             log, pos = self._broker._topics[key[0]][key[1]], self._position[key]
             if pos < len(log):
                 batch.append(log[pos])
                 self._position[key] = pos + 1
+                if auto_store:
+                    self._stored[key] = pos + 1
                 queue.append(key)
-        if self._auto_store:
-            for msg in batch:
-                self._stored[msg.topic(), msg.partition()] = msg.offset() + 1
         return batch
 
     def _commit_stored(self, only: set[_TP] | None) -> dict[_TP, int]:

@@ -389,6 +389,18 @@ def test_storing_offsets_is_refused_when_unassigned_or_automatic(transport):
     assert automatic.value.args[0].code() == KafkaError._INVALID_ARG
 
 
+def test_storing_the_offset_of_a_consumer_error_is_refused_as_librdkafka_does(transport):
+    c = consumer(transport, **MANUAL)
+    c.subscribe(["orders"])
+    c.consume(1, 0)
+    transport.broker.inject_consumer_error("g", KafkaError._TRANSPORT, topic="orders", partition=0)
+    [err] = c.consume(1, 0)
+    with pytest.raises(KafkaException) as refused:
+        c.store_offsets(message=err)
+    assert refused.value.args[0].code() == KafkaError._INVALID_ARG
+    assert "Cannot store offsets for message with error" in refused.value.args[0].str()
+
+
 def test_auto_commit_commits_auto_stored_offsets_on_the_next_consume(transport):
     produce(transport, 1, partition=0)
     c = consumer(transport)
