@@ -20,6 +20,7 @@ import msgspec
 
 from kafkaworkers import __version__
 from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
+from kafkaworkers.config import admin_config
 from kafkaworkers.config_cli import config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
@@ -30,7 +31,7 @@ from kafkaworkers.producer import produce as send
 from kafkaworkers.progress import progress, rate
 from kafkaworkers.samples import sample, schema
 from kafkaworkers.topics import KeyFieldError, check_key_field, message_key, topic_type, topics
-from kafkaworkers.transports import MEMORY_URL
+from kafkaworkers.transports import MEMORY_URL, transport_for
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,7 +184,11 @@ def produce(
         check_key_field(typ, key_field)
     decoder = msgspec.json.Decoder(typ)
     encoder = msgspec.json.Encoder()
-    producer = None if dry_run else create_producer(settings)
+    producer = None
+    if not dry_run:
+        # Fail in seconds with the reason, not after message.timeout.ms of retried connects.
+        transport_for(settings.bootstrap_servers).admin(admin_config(settings)).list_topics(timeout=5.0)
+        producer = create_producer(settings)
     failures: list[str] = []
     delivery_errors: list[str] = []
     sent = 0

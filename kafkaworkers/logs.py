@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
 
-__all__ = ["LIBRDKAFKA_LOGGER", "JsonFormatter", "configure"]
+__all__ = ["LIBRDKAFKA_LOGGER", "JsonFormatter", "RepeatSummary", "configure"]
 
 _CONTEXT_FIELDS = ("plugin", "topic", "partition", "offset", "correlation_id")
 #: The logger the clients hand librdkafka's own log lines to (``kafkaworkers.consumer``, ``.producer``).
@@ -60,11 +63,49 @@ def configure(level: str = "INFO", fmt: str = "text", librdkafka_debug: bool = F
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if librdkafka_debug else logging.NOTSET)
+    librdkafka = logging.getLogger(LIBRDKAFKA_LOGGER)
+    librdkafka.setLevel(logging.DEBUG if librdkafka_debug else logging.NOTSET)
+    librdkafka.filters[:] = [] if librdkafka_debug else [RepeatSummary()]
     json_mode = fmt == "json"
     logging.captureWarnings(json_mode)
     sys.excepthook = _log_uncaught if json_mode else sys.__excepthook__
     threading.excepthook = _log_uncaught_in_thread if json_mode else threading.__excepthook__
+
+
+class RepeatSummary(logging.Filter):
+    """Let one line of each kind through per interval, then say how many like it were held back.
+
+    During an outage librdkafka logs a failed connect for every broker and retry, about twenty
+    lines a second; what matters is that it keeps failing, and how often. Lines of one kind
+    differ only in their numbers (ports, milliseconds, client ids).
+
+    :param interval: seconds between two lines of one kind.
+    :param clock: the monotonic clock (tests pass their own).
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = _DIGITS.sub("#", record.getMessage())
+        now = self.clock()
+        last, held = self._seen.get(kind, (-self.interval, 0))
+        if now - last < self.interval:
+            self._seen[kind] = (last, held + 1)
+            return False
+        self._seen[kind] = (now, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like it in the last {now - last:.0f} s)"
+            record.args = None
+        return True
+
+
+_DIGITS = re.compile(r"\d+")
 
 
 def _log_uncaught(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:

@@ -36,6 +36,14 @@ def test_unreachable_broker(kwtest: KwTest) -> None:
     assert "make kafka-up" in line
 
 
+def test_produce_to_an_unreachable_broker_is_one_line_naming_what_was_tried(kwtest: KwTest) -> None:
+    result = kwtest.cli("produce", kwtest.ping, "-b", "127.0.0.1:1", input='{"n": 1}\n')
+    line = one_error_line(result)
+    assert "cannot reach Kafka at 127.0.0.1:1 over PLAINTEXT: nothing listens there" in line
+    assert "127.0.0.1:19092" in line, "the hint must name where `make kafka-up` listens"
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 def test_unreachable_broker_for_topics_create(kwtest: KwTest) -> None:
     assert "cannot reach Kafka" in one_error_line(kwtest.cli("topics", "create", "-b", "127.0.0.1:1"))
 

@@ -17,7 +17,8 @@ import msgspec
 import pytest
 
 from kafkaworkers import Context, PermanentError, Plugin, RetryPolicy
-from kafkaworkers.logs import LIBRDKAFKA_LOGGER, JsonFormatter, configure
+from kafkaworkers.clock import ManualClock
+from kafkaworkers.logs import LIBRDKAFKA_LOGGER, JsonFormatter, RepeatSummary, configure
 from kafkaworkers.testing import Harness
 
 
@@ -189,3 +190,22 @@ def test_the_worker_logs_retries_and_dead_letters_with_their_message_context(tmp
     # Ping 2 has no correlation id: the field is left out, the rest is there.
     assert retried[0]["level"] == "INFO" and retried[0]["offset"] == 1 and "correlation_id" not in retried[0]
     assert dead[1]["topic"] == "logged-retry-1" and "ping 2 flaky" in dead[1]["message"]
+
+
+def test_repeated_librdkafka_errors_are_summarised_once_per_interval_with_a_count() -> None:
+    clock = ManualClock()
+    summary = RepeatSummary(interval=10.0, clock=clock.monotonic)
+
+    def line(port: int, level: int = logging.ERROR) -> logging.LogRecord:
+        text = f"FAIL [rdkafka#producer-{port}]: 127.0.0.1:{port}/bootstrap: Connect failed (after {port}ms)"
+        return logging.LogRecord(LIBRDKAFKA_LOGGER, level, __file__, 1, text, None, None)
+
+    shown = [summary.filter(line(n)) for n in range(20)]
+    assert shown == [True] + [False] * 19, "lines differing only in numbers are one kind"
+    assert summary.filter(line(1, logging.INFO)), "below WARNING nothing is held back"
+    other = logging.LogRecord(LIBRDKAFKA_LOGGER, logging.ERROR, __file__, 1, "SASL authentication failed", None, None)
+    assert summary.filter(other), "another kind of line is not held behind the first"
+    clock.advance(10.0)
+    record = line(99)
+    assert summary.filter(record)
+    assert record.getMessage().endswith("(19 more like it in the last 10 s)")
