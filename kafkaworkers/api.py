@@ -39,6 +39,7 @@ from kafkaworkers.errors import PluginError
 from kafkaworkers.headers import H_ATTEMPT, H_CORRELATION_ID, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.hookspecs import hookimpl
 from kafkaworkers.retry import RetryPolicy
+from kafkaworkers.transports import Headers, Message
 
 __all__ = ["Context", "Plugin", "PluginEnv", "Subscription"]
 
@@ -82,14 +83,17 @@ class Context(Generic[S]):
     One is made per message, so it holds only references; headers are parsed on first use.
 
     :param plugin: the plugin whose handler runs.
-    :param message: the consumed message.
+    :param message: the consumed record (a message without an error, so it has a topic,
+        partition and offset).
     :param send: ``send(topic, value, key, headers)``, where produced messages go.
     :param state: what the plugin's ``on_start`` returned, as ``ctx.state``.
     """
 
     __slots__ = ("_attempt", "_headers", "_message", "_send", "plugin", "state")
 
-    def __init__(self, plugin: Plugin[S], message: Any, send: Callable[..., None], state: S, attempt: int = 0) -> None:
+    def __init__(
+        self, plugin: Plugin[S], message: Message, send: Callable[..., None], state: S, attempt: int = 0
+    ) -> None:
         self.plugin = plugin
         self._attempt = attempt
         self.state = state
@@ -101,17 +105,22 @@ class Context(Generic[S]):
     def topic(self) -> str:
         """The topic the message was published to (the original one for a retried message)."""
         topic = self._message.topic()
+        assert topic is not None  # handlers get records, never consumer errors
         if topic in self.plugin.subscriptions:
             return topic
         return self.headers.get(H_ORIGINAL_TOPIC, b"").decode("utf-8", "replace") or topic
 
     @property
     def partition(self) -> int:
-        return self._message.partition()
+        partition = self._message.partition()
+        assert partition is not None  # handlers get records, never consumer errors
+        return partition
 
     @property
     def offset(self) -> int:
-        return self._message.offset()
+        offset = self._message.offset()
+        assert offset is not None  # handlers get records, never consumer errors
+        return offset
 
     @property
     def key(self) -> bytes | None:
@@ -177,7 +186,7 @@ class Context(Generic[S]):
                 f"plugin {self.plugin.name!r} produced a {type(value).__qualname__} to {topic!r}, "
                 f"which is declared to carry {_type_name(self.plugin.produced[topic])}"
             )
-        out: list[tuple[str, bytes]] = []
+        out: Headers = []
         correlation = self._header(H_CORRELATION_ID)
         if correlation is not None and not (headers and H_CORRELATION_ID in headers):
             out.append((H_CORRELATION_ID, correlation))

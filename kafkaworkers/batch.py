@@ -31,14 +31,14 @@ from kafkaworkers.clock import Clock
 from kafkaworkers.errors import MessageTooLarge, ProducerFatal
 from kafkaworkers.producer import produce
 from kafkaworkers.retry import DLQ, OUTPUT, FailureRouter
-from kafkaworkers.transports import Consumer, Message, Producer
+from kafkaworkers.transports import Consumer, Headers, Message, Producer
 
 __all__ = ["BREAKER_OPEN", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions"]
 
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
-Held = tuple[str, "bytes | None", "bytes | None", "list[tuple[str, bytes]]", Message, str]
+Held = tuple[str, "bytes | None", "bytes | None", Headers, Message, str]
 
 #: Delivery errors about one message, not the broker's health: producing it again cannot help.
 _REFUSED = frozenset(
@@ -231,7 +231,7 @@ class Batch:
 
     # --- producing -------------------------------------------------------------------
 
-    def output(self, topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+    def output(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers) -> None:
         """A handler's ``ctx.produce``: sent now, or held until the batch scope committed.
 
         A value over the producer's size limit raises :class:`MessageTooLarge` here, in the
@@ -257,7 +257,7 @@ class Batch:
         self.produced[topic] += 1
 
     def write(
-        self, topic: str, value: bytes | None, key: bytes | None, headers: list[tuple[str, bytes]], kind: str
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers, kind: str
     ) -> None:
         """The framework's own copy of :attr:`source` (a retry or a dead letter): held like outputs."""
         if self.held is not None:
@@ -289,7 +289,7 @@ class Batch:
         topic: str,
         value: bytes | None,
         key: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: Headers,
         source: Message,
         kind: str,
     ) -> None:
@@ -345,6 +345,7 @@ class Batch:
             seen.add(id(source))
             error = MessageTooLarge(f"the broker refused a message to {topic!r} ({kind}): {err.str()}")
             original = source.topic()
+            assert original is not None  # a source is a record, never a consumer error
             # A dead letter that was itself refused is sent again with no value: its headers
             # still say where the original bytes are.
             self.source = source

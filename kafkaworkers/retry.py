@@ -44,7 +44,7 @@ from kafkaworkers.headers import (
     number,
     parse_headers,
 )
-from kafkaworkers.transports import Message
+from kafkaworkers.transports import Headers, Message
 
 __all__ = [
     "DLQ",
@@ -175,7 +175,7 @@ class RetryPolicy:
         return Decision("retry", longest, len(self.delays))
 
 
-Write = Callable[[str, "bytes | None", "bytes | None", "list[tuple[str, bytes]]", str], None]
+Write = Callable[[str, "bytes | None", "bytes | None", Headers, str], None]
 
 
 class FailureRouter:
@@ -258,12 +258,14 @@ class FailureRouter:
 
     def _headers(
         self, msg: Message, topic: str, source: dict[str, bytes], attempt: int, error: BaseException, due: float = -1
-    ) -> list[tuple[str, bytes]]:
+    ) -> Headers:
+        partition, offset = msg.partition(), msg.offset()
+        assert partition is not None and offset is not None  # only records fail, never consumer errors
         return failure_headers(
             source,
             topic=topic,
-            partition=msg.partition(),
-            offset=msg.offset(),
+            partition=partition,
+            offset=offset,
             timestamp_ms=msg.timestamp()[1],
             plugin=self.plugin,
             attempt=attempt,
@@ -318,7 +320,7 @@ def failure_headers(
     attempt: int,
     error: BaseException,
     due_ms: int | None = None,
-) -> list[tuple[str, bytes]]:
+) -> Headers:
     """Headers for a retried or dead-lettered copy: the source's own headers, then where it came
     from and why it failed. The first source is kept across retries."""
     now = str(int(time.time() * 1000)).encode()

@@ -281,15 +281,18 @@ class PluginRunner:
         blocked = batch.blocked
         perf = time.perf_counter
         for msg in messages:
-            if msg.error() is not None:
-                self._consumer_error(msg)
+            err = msg.error()
+            if err is not None:
+                self._consumer_error(err)
                 continue
-            tp = (msg.topic(), msg.partition())
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            # A message without an error is a record: it has all three.
+            assert topic is not None and partition is not None and offset is not None
+            tp = (topic, partition)
             if tp in blocked:
                 continue
-            offset = msg.offset()
             batch.source = msg
-            route = routes.get(tp[0])
+            route = routes.get(topic)
             if route is None:
                 route = self._retry_route(batch, msg, tp, offset)
                 if route is None:
@@ -321,7 +324,7 @@ class PluginRunner:
                 continue
             except Exception as exc:
                 batch.drop(mark)
-                if not self._fail(batch, route, msg, tp, exc):
+                if not self._fail(batch, route, msg, tp, offset, exc):
                     continue
             else:
                 route.ok += 1
@@ -347,8 +350,9 @@ class PluginRunner:
             batch.discard()
             batch.scope_error = f"{type(exc).__name__}: {exc}"
             for msg in messages:
-                if msg.error() is None:
-                    batch.first.setdefault((msg.topic(), msg.partition()), msg.offset())
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                if msg.error() is None and topic is not None and partition is not None and offset is not None:
+                    batch.first.setdefault((topic, partition), offset)
             return
         batch.release()
 
@@ -374,17 +378,17 @@ class PluginRunner:
             return None
         return route
 
-    def _fail(self, batch: Batch, route: _Route, msg: Message, tp: TP, error: Exception) -> bool:
+    def _fail(self, batch: Batch, route: _Route, msg: Message, tp: TP, offset: int, error: Exception) -> bool:
         """Route a failed message by the retry policy; whether it is done (its offset may be stored)."""
         attempt = 0
         if self.router.policy.mode == "pause":
             at, failed = self._in_place.get(tp, (-1, 0))
-            attempt = failed + 1 if at == msg.offset() else 1
+            attempt = failed + 1 if at == offset else 1
         decision = self.router.fail(msg, route.topic, error, batch.write, attempt)
         if decision.action == "retry" and not self.router.retry_topics:
-            self._in_place[tp] = (msg.offset(), attempt)
+            self._in_place[tp] = (offset, attempt)
             until = self.clock.monotonic() + decision.delay
-            self.partitions.pause(tp, msg.offset(), until, f"{RETRY_IN_PLACE} (attempt {attempt})", quiet=True)
+            self.partitions.pause(tp, offset, until, f"{RETRY_IN_PLACE} (attempt {attempt})", quiet=True)
             batch.blocked.add(tp)
             outcome = "paused"
         elif decision.action == "retry":
@@ -398,8 +402,7 @@ class PluginRunner:
             self.host.message_failed(self.plugin, msg, error, outcome)
         return outcome != "paused"
 
-    def _consumer_error(self, msg: Message) -> None:
-        err = msg.error()
+    def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
             return
         if err.fatal():
