@@ -249,7 +249,8 @@ def _build(leaves: Mapping[Key, tuple[Any, Source]]) -> Settings:
         else:
             values[name] = _convert(name, raw, source)
     _check_timeouts(values, leaves)
-    return Settings(**values, **tables)
+    values.update(tables)
+    return Settings(**values)
 
 
 def _convert(name: str, raw: Any, source: Source) -> Any:

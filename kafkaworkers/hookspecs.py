@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("kafkaworkers")
 
 
 @hookspec
-def kafkaworkers_declare() -> Plugin | None:
+def kafkaworkers_declare() -> Plugin[Any] | None:
     """Declare a worker plugin: its name, consumed topics with handlers, produced topics.
 
     :return: a :class:`kafkaworkers.Plugin`, or ``None`` for a plugin that only observes.
@@ -54,7 +54,7 @@ def kafkaworkers_demo_scenario() -> DemoScenario | None:
 
 
 @hookspec
-def kafkaworkers_register_metrics(registry: CollectorRegistry, plugin: Plugin) -> None:
+def kafkaworkers_register_metrics(registry: CollectorRegistry, plugin: Plugin[Any]) -> None:
     """Register a plugin's own Prometheus metrics before the worker starts.
 
     Called once per running worker plugin, for every installed observer.
@@ -76,7 +76,7 @@ def kafkaworkers_worker_started(worker: Worker) -> None:
 
 
 @hookspec
-def kafkaworkers_partitions_assigned(plugin: Plugin, partitions: list[TopicPartition]) -> None:
+def kafkaworkers_partitions_assigned(plugin: Plugin[Any], partitions: list[TopicPartition]) -> None:
     """The group gave ``plugin`` these partitions (incrementally, cooperative-sticky).
 
     :param plugin: the worker plugin whose consumer received them.
@@ -85,7 +85,7 @@ def kafkaworkers_partitions_assigned(plugin: Plugin, partitions: list[TopicParti
 
 
 @hookspec
-def kafkaworkers_partitions_revoked(plugin: Plugin, partitions: list[TopicPartition]) -> None:
+def kafkaworkers_partitions_revoked(plugin: Plugin[Any], partitions: list[TopicPartition]) -> None:
     """``plugin`` is giving these partitions up; their finished work was already committed.
 
     :param plugin: the worker plugin whose consumer loses them.
@@ -97,7 +97,7 @@ def kafkaworkers_partitions_revoked(plugin: Plugin, partitions: list[TopicPartit
 
 
 @hookspec
-def kafkaworkers_batch_received(plugin: Plugin, messages: list[Message]) -> None:
+def kafkaworkers_batch_received(plugin: Plugin[Any], messages: list[Message]) -> None:
     """A consume call returned a batch of messages for ``plugin``, before any is handled.
 
     Called once per non-empty batch.
@@ -108,7 +108,7 @@ def kafkaworkers_batch_received(plugin: Plugin, messages: list[Message]) -> None
 
 
 @hookspec
-def kafkaworkers_message_handled(plugin: Plugin, message: Message, value: Any) -> None:
+def kafkaworkers_message_handled(plugin: Plugin[Any], message: Message, value: Any) -> None:
     """A handler returned normally for ``message`` (per message; only called if implemented).
 
     :param plugin: the worker plugin.
@@ -118,7 +118,7 @@ def kafkaworkers_message_handled(plugin: Plugin, message: Message, value: Any) -
 
 
 @hookspec
-def kafkaworkers_message_failed(plugin: Plugin, message: Message, error: BaseException, outcome: str) -> None:
+def kafkaworkers_message_failed(plugin: Plugin[Any], message: Message, error: BaseException, outcome: str) -> None:
     """A message failed to decode or its handler raised (per message; only called if implemented).
 
     :param plugin: the worker plugin.

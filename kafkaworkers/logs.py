@@ -123,5 +123,6 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
         "uncaught exception in thread %s: %s",
         name,
         args.exc_value,
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        # The exception carries its own traceback (the same as args.exc_traceback).
+        exc_info=args.exc_value,
     )

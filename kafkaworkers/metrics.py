@@ -19,7 +19,7 @@ import contextlib
 import logging
 from bisect import bisect_left
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -32,6 +32,8 @@ from kafkaworkers.breaker import STATE_VALUES, CircuitBreaker
 __all__ = ["LAG_STATS_INTERVAL_MS", "OUTCOMES", "HandlerDurations", "Metrics", "PluginMetrics", "consumer_lags"]
 
 log = logging.getLogger(__name__)
+
+_Metric = TypeVar("_Metric", Counter, Gauge)
 
 OUTCOMES = ("ok", "retried", "dead_lettered")
 
@@ -120,10 +122,11 @@ class PluginMetrics:
         self._children: dict[tuple[object, ...], Any] = {}
         self._lag_failed = False
 
-    def _child(self, metric: Any, *labels: str) -> Any:
+    def _child(self, metric: _Metric, *labels: str) -> _Metric:
         """``metric.labels(plugin, *labels)``, looked up once: ``labels()`` takes a lock and validates."""
         key = (metric, *labels)
-        child = self._children.get(key)
+        # The cache holds children of every metric; the key's metric says which kind this one is.
+        child: _Metric | None = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(self.plugin, *labels)
         return child
@@ -200,7 +203,8 @@ class _DurationCollector:
         self.name = name
         self.documentation = documentation
         self.bounds = tuple(float(b) for b in bounds)
-        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        # prometheus_client leaves floatToGoString unannotated; it returns the text of a float.
+        self._le = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         self._children: dict[tuple[str, str], HandlerDurations] = {}
 
     def child(self, plugin: str, topic: str) -> HandlerDurations:
