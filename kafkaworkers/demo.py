@@ -119,8 +119,9 @@ def run_demo(
                 if not thread.is_alive():
                     raise KafkaWorkersError("the demo worker stopped unexpectedly; see the log above")
                 for msg in watcher.consume(500, 0.2):
-                    if msg.error() is None and msg.value() is not None:
-                        scenario.observe(msg.topic(), msg.key(), msg.value(), msg.timestamp()[1])
+                    topic, value = msg.topic(), msg.value()
+                    if msg.error() is None and topic is not None and value is not None:
+                        scenario.observe(topic, msg.key(), value, msg.timestamp()[1])
             elapsed = time.monotonic() - start
         finally:
             watcher.close()

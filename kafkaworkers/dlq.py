@@ -90,7 +90,7 @@ from kafkaworkers.headers import (
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer, produce
 from kafkaworkers.retry import dlq_topic, retry_topic, retry_topics
-from kafkaworkers.transports import Transport, transport_for
+from kafkaworkers.transports import Message, Transport, transport_for
 
 __all__ = [
     "DeadLetter",
@@ -235,17 +235,20 @@ def read_dead_letters(
                 err = msg.error()
                 partition = msg.partition()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF and partition is not None:
                         ends.pop(partition, None)
                     elif err.fatal():
                         raise BrokerUnavailable(f"cannot read {topic}: {err.str()}")
                     continue
+                source, offset = msg.topic(), msg.offset()
+                if source is None or partition is None or offset is None:  # a record has all three
+                    continue
                 end = ends.get(partition)
                 if end is None:
                     continue
-                if msg.offset() < end:
-                    yield _letter(msg)
-                if msg.offset() >= end - 1:
+                if offset < end:
+                    yield _letter(msg, source, partition, offset)
+                if offset >= end - 1:
                     del ends[partition]
             if not batch and ends:
                 # Compaction and control records leave gaps: no record may sit at high - 1.
@@ -256,11 +259,11 @@ def read_dead_letters(
         consumer.close()
 
 
-def _letter(msg: Any) -> DeadLetter:
+def _letter(msg: Message, topic: str, partition: int, offset: int) -> DeadLetter:
     return DeadLetter(
-        topic=msg.topic(),
-        partition=msg.partition(),
-        offset=msg.offset(),
+        topic=topic,
+        partition=partition,
+        offset=offset,
         timestamp_ms=msg.timestamp()[1],
         key=msg.key(),
         value=msg.value(),
@@ -518,7 +521,9 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class _Time(click.ParamType):
+# click 8.5 made ParamType generic; subscribing it would break the click 8.1-8.4 that
+# pyproject allows, so the converted type is left to convert()'s annotation.
+class _Time(click.ParamType):  # type: ignore[type-arg]
     """ISO-8601 (naive means UTC) or epoch milliseconds."""
 
     name = "TIME"
@@ -572,13 +577,13 @@ def dlq() -> None:
 @settings_options
 @click.pass_context
 def dlq_list(
-    ctx: click.Context, plugin: str | None, group_id: str | None, fmt: str, config_file: str | None, **overrides: Any
+    ctx: click.Context, /, plugin: str | None, group_id: str | None, fmt: str, config_file: str | None, **overrides: Any
 ) -> None:
     """Count dead letters per plugin and original topic: oldest, newest, and by exception type."""
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
     transport = transport_for(settings.bootstrap_servers)
     topics = _list_topics(settings, transport)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, group in _groups(plugin_host(ctx), settings, plugin):
         source = dlq_topic(group)
         ledger = read_ledger(settings, group, transport=transport, partitions=topics.get(ledger_topic(group), 0))
@@ -641,6 +646,7 @@ def dlq_list(
 @click.pass_context
 def dlq_show(
     ctx: click.Context,
+    /,
     plugin: str | None,
     group_id: str | None,
     limit: int,
@@ -695,6 +701,7 @@ def dlq_show(
 @click.pass_context
 def dlq_replay(
     ctx: click.Context,
+    /,
     plugin: str | None,
     group_id: str | None,
     to: ReplayTarget,

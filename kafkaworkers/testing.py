@@ -123,7 +123,7 @@ def kafkaworkers_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
     """A factory of :class:`Harness` objects, each closed after the test."""
     made: list[Harness] = []
 
-    def make(*plugins: Plugin | object, **options: Any) -> Harness:
+    def make(*plugins: Plugin[Any] | object, **options: Any) -> Harness:
         options.setdefault("data_dir", tmp_path / f"data-{len(made)}")
         harness = Harness(*plugins, **options)
         made.append(harness)
