@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
@@ -79,7 +79,7 @@ class PluginHost:
         self._pm.add_hookspecs(hookspecs)
         self._sources: dict[str, PluginInfo] = {}
         self._broken: list[BrokenPlugin] = []
-        self._plugins: dict[str, Plugin] | None = None
+        self._plugins: dict[str, Plugin[Any]] | None = None
         # declared plugin name -> the registration that declared it
         self._declared_by: dict[str, str] = {}
         #: called with (observer plugin, hook) when an observer hook raises (a metric)
@@ -162,7 +162,7 @@ class PluginHost:
     # --- declarations ----------------------------------------------------------------
 
     @property
-    def plugins(self) -> dict[str, Plugin]:
+    def plugins(self) -> dict[str, Plugin[Any]]:
         """Every usable worker plugin by name; the unusable ones are in :attr:`broken`."""
         if self._plugins is None:
             self._plugins = self._declare()
@@ -183,7 +183,7 @@ class PluginHost:
         if self.broken:
             raise PluginError("; ".join(b.error for b in self._broken))
 
-    def select(self, names: Iterable[str]) -> list[Plugin]:
+    def select(self, names: Iterable[str]) -> list[Plugin[Any]]:
         """The named plugins, or a :class:`PluginError` saying why one is broken or what is installed."""
         found = []
         for name in names:
@@ -207,10 +207,10 @@ class PluginHost:
         source = self._source(self._declared_by.get(name, name))
         return PluginInfo(name, source.distribution, source.version)
 
-    def _declare(self) -> dict[str, Plugin]:
+    def _declare(self) -> dict[str, Plugin[Any]]:
         """Ask each registration for its plugin on its own, so that a failure breaks only that one."""
         declared: dict[str, list[str]] = {}
-        plugins: dict[str, Plugin] = {}
+        plugins: dict[str, Plugin[Any]] = {}
         for impl in self._pm.hook.kafkaworkers_declare.get_hookimpls():
             try:
                 plugin = impl.function()
@@ -280,9 +280,10 @@ class PluginHost:
                 self._plugins = None
 
     def demo_scenario(self) -> DemoScenario | None:
-        return self._pm.hook.kafkaworkers_demo_scenario()
+        # pluggy's hook calls return Any; a firstresult hook returns one implementation's result.
+        return cast("DemoScenario | None", self._pm.hook.kafkaworkers_demo_scenario())
 
-    def register_metrics(self, registry: CollectorRegistry, plugin: Plugin) -> None:
+    def register_metrics(self, registry: CollectorRegistry, plugin: Plugin[Any]) -> None:
         self._pm.hook.kafkaworkers_register_metrics(registry=registry, plugin=plugin)
 
     # Observer hooks: each implementation is called on its own, and one that raises is logged
@@ -294,19 +295,19 @@ class PluginHost:
     def worker_stopping(self, worker: Worker) -> None:
         self._observe("kafkaworkers_worker_stopping", worker=worker)
 
-    def partitions_assigned(self, plugin: Plugin, partitions: list[TopicPartition]) -> None:
+    def partitions_assigned(self, plugin: Plugin[Any], partitions: list[TopicPartition]) -> None:
         self._observe("kafkaworkers_partitions_assigned", plugin=plugin, partitions=partitions)
 
-    def partitions_revoked(self, plugin: Plugin, partitions: list[TopicPartition]) -> None:
+    def partitions_revoked(self, plugin: Plugin[Any], partitions: list[TopicPartition]) -> None:
         self._observe("kafkaworkers_partitions_revoked", plugin=plugin, partitions=partitions)
 
-    def batch_received(self, plugin: Plugin, messages: list[Message]) -> None:
+    def batch_received(self, plugin: Plugin[Any], messages: list[Message]) -> None:
         self._observe("kafkaworkers_batch_received", plugin=plugin, messages=messages)
 
-    def message_handled(self, plugin: Plugin, message: Message, value: Any) -> None:
+    def message_handled(self, plugin: Plugin[Any], message: Message, value: Any) -> None:
         self._observe("kafkaworkers_message_handled", plugin=plugin, message=message, value=value)
 
-    def message_failed(self, plugin: Plugin, message: Message, error: BaseException, outcome: str) -> None:
+    def message_failed(self, plugin: Plugin[Any], message: Message, error: BaseException, outcome: str) -> None:
         self._observe("kafkaworkers_message_failed", plugin=plugin, message=message, error=error, outcome=outcome)
 
     def _observe(self, hook: str, **kwargs: Any) -> None:
@@ -329,7 +330,7 @@ def type_name(typ: type) -> str:
     return f"{typ.__module__}.{getattr(typ, '__qualname__', repr(typ))}"
 
 
-def _producers_by_type(plugins: Iterable[Plugin]) -> dict[str, dict[type, list[str]]]:
+def _producers_by_type(plugins: Iterable[Plugin[Any]]) -> dict[str, dict[type, list[str]]]:
     """topic -> each type it is produced with -> the plugins producing it with that type."""
     out: dict[str, dict[type, list[str]]] = {}
     for plugin in sorted(plugins, key=lambda p: p.name):

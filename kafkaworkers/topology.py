@@ -29,7 +29,7 @@ class Topology:
     produces: dict[str, dict[str, str]]
 
     @classmethod
-    def of(cls, plugins: Iterable[Plugin]) -> Topology:
+    def of(cls, plugins: Iterable[Plugin[Any]]) -> Topology:
         consumes: dict[str, dict[str, str]] = {}
         produces: dict[str, dict[str, str]] = {}
         for plugin in sorted(plugins, key=lambda p: p.name):
