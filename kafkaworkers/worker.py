@@ -106,14 +106,17 @@ class PluginRunner:
         self.router = FailureRouter(plugin.name, self.group, plugin.retry, clock, max_bytes)
         self.retry_topics = self.router.retry_topics
         self.dlq = self.router.dlq
-        stats = self._stats_config(settings)
-        self.consumer = create_consumer(settings, self.group, stats, transport=transport)
+        self._error_logged: dict[int, float] = {}
+        #: a consumer said no broker answers; cleared by the next message or broker answer
+        self.broker_down = False
+        callbacks = self._client_callbacks(settings)
+        self.consumer = create_consumer(settings, self.group, callbacks, transport=transport)
         # Retry topics get a consumer (and group) of their own: sticky assignment balances the
         # partition count over all subscribed topics, so with one consumer a second process
         # could end up holding only retry partitions and scaling out would add no parallelism.
-        self.retry_consumer = (
-            create_consumer(settings, f"{self.group}-retry", stats, transport=transport) if self.retry_topics else None
-        )
+        self.retry_consumer: Consumer | None = None
+        if self.retry_topics:
+            self.retry_consumer = create_consumer(settings, f"{self.group}-retry", callbacks, transport=transport)
         self.consumers = [c for c in (self.consumer, self.retry_consumer) if c is not None]
         self.partitions = Partitions(
             plugin.name, self._consumer_of, clock, metrics.paused.set if metrics is not None else None
@@ -123,9 +126,6 @@ class PluginRunner:
         self._rebalances = 0
         # retry mode "pause": the partition -> (offset, failed deliveries) of the message it waits on
         self._in_place: dict[TP, tuple[int, int]] = {}
-        self._error_logged: dict[int, float] = {}
-        #: a consumer said no broker answers; cleared by the next message or broker answer
-        self.broker_down = False
         self._produced: defaultdict[str, int] = defaultdict(int)
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
@@ -186,16 +186,25 @@ class PluginRunner:
         if self.metrics:
             self.metrics.assigned.set(len(self.partitions.assigned))
 
-    # --- consumer lag (librdkafka statistics) ------------------------------------------
+    # --- librdkafka's callbacks: client errors and statistics ---------------------------
 
-    def _stats_config(self, settings: Settings) -> dict[str, Any] | None:
-        """With metrics on: librdkafka's statistics every few seconds, to :meth:`_on_stats`."""
+    def _client_callbacks(self, settings: Settings) -> dict[str, Any]:
+        """Client-wide errors to :meth:`_on_error`; with metrics on, statistics every few seconds
+        to :meth:`_on_stats`. librdkafka calls both inside consume(), on this thread."""
+        config: dict[str, Any] = {"error_cb": self._on_error}
         if self.metrics is None:
-            return None
-        config: dict[str, Any] = {"stats_cb": self._on_stats}
+            return config
+        config["stats_cb"] = self._on_stats
         if "statistics.interval.ms" not in settings.consumer and "statistics.interval.ms" not in settings.kafka:
             config["statistics.interval.ms"] = LAG_STATS_INTERVAL_MS
         return config
+
+    def _on_error(self, err: KafkaError) -> None:
+        """An error of the client, not of one message: no broker reachable fails readiness until
+        one answers again; librdkafka keeps reconnecting by itself."""
+        if err.code() in _UNREACHABLE:
+            self.broker_down = True
+        self._log_error(err)
 
     def _on_stats(self, stats: str) -> None:
         """librdkafka's statistics, delivered inside consume() on this thread: update the lag gauges."""
@@ -409,6 +418,9 @@ class PluginRunner:
             raise BrokerUnavailable(f"{self.plugin.name}: fatal consumer error: {err.str()}")
         if err.code() in _UNREACHABLE:
             self.broker_down = True
+        self._log_error(err)
+
+    def _log_error(self, err: KafkaError) -> None:
         # librdkafka reports a broker outage on every poll until it recovers by itself:
         # say it once per error kind and interval, not twice a second.
         now = self.clock.monotonic()

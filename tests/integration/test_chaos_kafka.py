@@ -57,7 +57,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port, wait_for
+from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -336,14 +336,22 @@ def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothin
     kafka.create_topics(kwtest.ping, kwtest.pong)
     producer = PacedProducer(own_broker.bootstrap, kwtest.ping, rate=100 * scale)
     producer.start()
-    worker = kwtest.start(KAFKAWORKERS_BOOTSTRAP_SERVERS=own_broker.bootstrap)
+    port = free_port()
+    worker = kwtest.start(KAFKAWORKERS_BOOTSTRAP_SERVERS=own_broker.bootstrap, KAFKAWORKERS_METRICS_PORT=str(port))
     wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) >= 200 * scale, 60, "committed progress", 0.2)
+    wait_for(lambda: readyz(port)[0] == 200, 30, "/readyz ready before the outage", 0.2)
 
     own_broker("stop")
+    outage = time.monotonic()
+    _, body = wait_for(lambda: (r := readyz(port))[0] == 503 and r, 15, "/readyz failing in the outage", 0.2)
+    assert "unreachable" in body, body
     # The outage's length is the scenario: 20 s without a broker, whatever the worker does.
-    time.sleep(20)
+    time.sleep(max(0.0, 20 - (time.monotonic() - outage)))
     assert worker.poll() is None, f"the worker exited during the outage:\n{kwtest.log()}"
+    librdkafka_errors = kwtest.log().count("ERROR   kafkaworkers.librdkafka")
+    assert librdkafka_errors <= 30, f"{librdkafka_errors} librdkafka error lines in a 20 s outage: not summarised"
     own_broker("start")
+    wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz ready again after the outage", 0.2)
     started = time.monotonic()
     before = committed_now(kafka, kwtest.group, kwtest.ping)
     recover_s = committed_progress(kafka, kwtest, before, started, timeout=120)
@@ -356,6 +364,15 @@ def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothin
     assert lost == 0, "a message was lost"
     assert duplicated == 0, "a re-delivered message repeated its idempotent effect"
     assert {pid for (pid,) in ledger(kwtest, "SELECT DISTINCT pid FROM handled")} == {worker.pid}
+
+
+def readyz(port: int) -> tuple[int, str]:
+    """The worker's readiness answer; (0, reason) while its endpoint does not answer."""
+    try:
+        status, _, body = http_get(f"http://127.0.0.1:{port}/readyz")
+    except OSError as exc:
+        return 0, str(exc)
+    return status, body
 
 
 def test_chaos_transient_k_failures_retry_k_times_then_succeed_or_dead_letter_after_two(
