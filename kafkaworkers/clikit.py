@@ -10,7 +10,8 @@ import difflib
 import logging
 import re
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn, cast
 
 import click
 import confluent_kafka
@@ -66,10 +67,17 @@ class OneLineErrors(click.Group):
                 ctx.fail(f"no such command {name!r}; did you mean {close[0]!r}?")
         return super().resolve_command(ctx, args)
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("standalone_mode", None)
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> NoReturn:
+        # Never standalone, whatever the caller asks: errors are reported here, in one format.
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
             click.echo(f"kafkaworkers: error: {exc.format_message()}{hint}", err=True)
@@ -143,7 +151,8 @@ def plugin_host(ctx: click.Context) -> PluginHost:
     if root.obj is None:
         root.obj = PluginHost()
         root.obj.load_entry_points()
-    return root.obj
+    # click types a context's obj as Any; the CLI's main() passes a PluginHost, else it is made here.
+    return cast(PluginHost, root.obj)
 
 
 _CHECK_GROUP = "kafkaworkers-config-check"
