@@ -236,7 +236,7 @@ def topics() -> None:
 @settings_options
 @click.pass_context
 def topics_create(
-    ctx: click.Context, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
+    ctx: click.Context, /, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
 ) -> None:
     """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent).
 
@@ -278,7 +278,7 @@ def topics_create(
 @_format_option
 @settings_options
 @click.pass_context
-def topics_list(ctx: click.Context, declared: bool, fmt: str, config_file: str | None, **overrides: Any) -> None:
+def topics_list(ctx: click.Context, /, declared: bool, fmt: str, config_file: str | None, **overrides: Any) -> None:
     """List every topic on the broker with its partitions, its role and the plugins that read and write it.
 
     Topics the installed plugins declare but the broker lacks are listed as missing.
@@ -309,7 +309,7 @@ def topics_list(ctx: click.Context, declared: bool, fmt: str, config_file: str |
 @_format_option
 @settings_options
 @click.pass_context
-def topics_describe(ctx: click.Context, topic: str, fmt: str, config_file: str | None, **overrides: Any) -> None:
+def topics_describe(ctx: click.Context, /, topic: str, fmt: str, config_file: str | None, **overrides: Any) -> None:
     """Show TOPIC's partitions, replication factor and own config, and who reads and writes it."""
     settings = load_cli_settings(config_file, **overrides)
     role = _role(topic, declared_topics(plugin_host(ctx), settings))
@@ -351,6 +351,7 @@ def _stdin_is_terminal() -> bool:
 @click.pass_context
 def topics_delete(
     ctx: click.Context,
+    /,
     names: tuple[str, ...],
     group: str | None,
     yes: bool,
