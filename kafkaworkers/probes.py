@@ -43,7 +43,11 @@ class ProbeServer:
         )
         server_class = _Server6 if ":" in host else _Server
         self._server = server_class((host, port), handler)
-        self.host, self.port = self._server.server_address[:2]
+        # The bound address (port 0 resolved), as server_address holds it; typeshed types that
+        # for any socket family, a host in bytes included, so it is read from the socket itself.
+        self.host: str
+        self.port: int
+        self.host, self.port = self._server.socket.getsockname()[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, name="kafkaworkers-http", daemon=True)
 
     def start(self) -> ProbeServer:
