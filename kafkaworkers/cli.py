@@ -31,7 +31,7 @@ from kafkaworkers.producer import produce as send
 from kafkaworkers.progress import progress, rate
 from kafkaworkers.samples import sample, schema
 from kafkaworkers.topics import KeyFieldError, check_key_field, message_key, topic_type, topics
-from kafkaworkers.transports import MEMORY_URL, transport_for
+from kafkaworkers.transports import MEMORY_URL, Headers, transport_for
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,6 +51,7 @@ def cli() -> None:
 @click.pass_context
 def run(
     ctx: click.Context,
+    /,
     names: tuple[str, ...],
     run_all: bool,
     broker_wait: float,
@@ -169,6 +170,7 @@ def plugins(ctx: click.Context, fmt: str) -> None:
 @click.pass_context
 def produce(
     ctx: click.Context,
+    /,
     topic: str,
     source: Any,
     key_field: str | None,
@@ -182,7 +184,7 @@ def produce(
     typ = topic_type(host, topic)
     if key_field:
         check_key_field(typ, key_field)
-    decoder = msgspec.json.Decoder(typ)
+    decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(typ)
     encoder = msgspec.json.Encoder()
     producer = None
     if not dry_run:
@@ -211,7 +213,7 @@ def produce(
             sent += 1
             if producer is None:
                 continue
-            headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
+            headers: Headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
             send(producer, topic, encoder.encode(value), key, headers, on_delivery)
             producer.poll(0)
     remaining = producer.flush(30) if producer is not None else 0
