@@ -61,8 +61,10 @@ kafka-stop:
 kafka-start:
 	$(BROKER) start
 
+## Lint and type-check (mypy --strict on kafkaworkers/, configured in pyproject.toml); needs no broker.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean: kafka-down
 	rm -rf $(VENV) .cache build *.egg-info
