@@ -308,12 +308,16 @@ class Batch:
 
     # --- the end ---------------------------------------------------------------------
 
-    def finish(self, flush: Callable[[], None]) -> None:
+    def finish(self, flush: Callable[[], int]) -> None:
         """Flush, then store the batch's offsets, or dead-letter what the broker refused, or rewind.
 
+        :param flush: waits for the producer's acknowledgements; returns how many are still
+            missing (the worker stops waiting when it is stopping and its grace runs out).
         :raises ProducerFatal: the producer cannot produce again; nothing is stored.
         """
-        flush()
+        if flush():
+            self.partitions.rewind(self.first, "stopping before what the batch produced was acknowledged")
+            return
         if self.fatal is not None:
             raise ProducerFatal(
                 f"{self.plugin}: the producer failed fatally ({self.fatal.str()}); stopping without storing"
@@ -328,7 +332,7 @@ class Batch:
         if self.last:
             self.partitions.store(self.last)
 
-    def _judge_refusals(self, flush: Callable[[], None]) -> None:
+    def _judge_refusals(self, flush: Callable[[], int]) -> None:
         """Dead-letter each message whose output or copy the broker refused for itself; any other
         refusal (an outage, a timeout) means the batch is handled again."""
         refusals, self.refusals = self.refusals, []
@@ -350,10 +354,8 @@ class Batch:
             # still say where the original bytes are.
             self.source = source
             self.router.dead_letter(source, original, error, self.write, keep=0 if kind == DLQ else None)
-        flush()
-        if self.refusals:
-            _, _, topic, err = self.refusals[0]
-            self.partitions.rewind(self.first, f"dead letters were not acknowledged ({topic}: {err.str()})")
+        if flush() or self.refusals:
+            self.partitions.rewind(self.first, "the dead letters of refused messages were not acknowledged")
             return
         if self.last:
             self.partitions.store(self.last)

@@ -89,6 +89,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How long an idle loop waits for messages, hence how late it notices a stop request.
     poll_timeout: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.5
     liveness_timeout: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # How long a stopping worker may spend flushing, committing and leaving its groups: well
+    # inside Kubernetes' default 30 s before it sends SIGKILL, even with the broker down.
+    shutdown_grace: Annotated[float, msgspec.Meta(gt=0, le=600)] = 20.0
     kafka: dict[str, Any] = {}
     consumer: dict[str, Any] = {}
     producer: dict[str, Any] = {}

@@ -216,9 +216,11 @@ class PluginRunner:
         for consumer in self.consumers:
             self._commit(consumer)
 
-    def close(self) -> None:
-        """Commit, then leave the groups."""
-        self.commit()
+    def close(self, commit: bool = True) -> None:
+        """Commit (unless the broker is known to be down: a synchronous commit would wait for
+        it), then leave the groups."""
+        if commit:
+            self.commit()
         for consumer in self.consumers:
             consumer.close()
 
@@ -483,6 +485,7 @@ class Worker:
         self._stopped = False
         self._started: list[tuple[Plugin[Any], Any]] = []
         self._broker_checked = 0.0
+        self._stop_requested = 0.0
         self._topics: dict[str, int] = {}
         self._admin: Any = None
         self._producer: Any = None
@@ -513,7 +516,10 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in hand (safe from a signal handler)."""
+        if self._running:
+            log.info("stop requested: finishing the batch in hand, then flushing and committing")
         self._running = False
+        self._stop_requested = time.monotonic()
 
     def run(self, broker_wait: float = 30.0) -> None:
         """Start, loop until :meth:`stop`, then flush, commit, leave the groups and stop the plugins."""
@@ -576,23 +582,39 @@ class Worker:
             self._check_broker()
         return handled
 
-    def flush(self) -> None:
-        """Wait until every produced message is acknowledged or failed, beating the liveness clock."""
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every produced message is acknowledged or failed (at most ``timeout``
+        seconds), beating the liveness clock; return how many are still waiting."""
         producer = self._producer
-        while producer.flush(1.0) > 0:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is None and not self._running:
+                # Stopping: the batch in hand may wait for the broker half the grace, no longer.
+                deadline = self._stop_requested + self.settings.shutdown_grace / 2
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            waiting = int(producer.flush(max(left, 0.0)))
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                return waiting
             self.last_beat = time.monotonic()
 
     def close(self) -> None:
-        """Flush, commit, leave the groups and stop the plugins that started (idempotent)."""
+        """Flush, commit, leave the groups and stop the plugins that started (idempotent), within
+        ``shutdown_grace``: with the broker down, what was not acknowledged by then is handled
+        again by the next owner, as after a crash."""
         if self._stopped:
             return
         self._stopped = True
         if self.runners:
-            log.info("worker stopping: flushing and committing")
+            grace = self.settings.shutdown_grace
+            log.info("worker stopping: flushing and committing (at most %.0f s)", grace)
+            deadline = time.monotonic() + grace
             self.host.worker_stopping(self)
-            self.flush()
+            waiting = self.flush(timeout=grace / 2)
+            if waiting:
+                log.warning("%d produced message(s) not acknowledged within the grace; they will be redone", waiting)
+            reachable = not any(runner.broker_down for runner in self.runners)
             for runner in self.runners:
-                runner.close()
+                runner.close(commit=reachable and time.monotonic() < deadline)
         for plugin, state in reversed(self._started):
             try:
                 plugin.stop(state)

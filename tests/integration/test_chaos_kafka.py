@@ -366,6 +366,37 @@ def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothin
     assert {pid for (pid,) in ledger(kwtest, "SELECT DISTINCT pid FROM handled")} == {worker.pid}
 
 
+def test_chaos_sigterm_with_the_broker_down_exits_within_the_grace_and_loses_nothing(
+    own_broker: OwnBroker, kwtest: KwTest, scale: int
+) -> None:
+    grace = 6.0
+    kafka = QuietKafka(own_broker.bootstrap)
+    kafka.create_topics(kwtest.ping, kwtest.pong)
+    producer = PacedProducer(own_broker.bootstrap, kwtest.ping, rate=100 * scale)
+    producer.start()
+    env = {"KAFKAWORKERS_BOOTSTRAP_SERVERS": own_broker.bootstrap, "KAFKAWORKERS_SHUTDOWN_GRACE": str(grace)}
+    worker = kwtest.start(**env)
+    wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) >= 200 * scale, 60, "committed progress", 0.2)
+
+    own_broker("stop")
+    worker.send_signal(signal.SIGTERM)
+    stopping = time.monotonic()
+    # The grace bounds the shutdown; the rest is the process's own start and exit.
+    exit_code = worker.wait(grace + 10)
+    stopped_s = time.monotonic() - stopping
+    assert exit_code == 0, kwtest.log()
+    assert "stop requested" in kwtest.log()
+    own_broker("start")
+    total = producer.finish()
+    kwtest.start(**env)
+    wait_committed(kafka, kwtest, total, 120)
+
+    lost, duplicated, redelivered = outcome(kwtest, kafka.bootstrap, set(range(total)))
+    report("sigterm_broker_down", total, 1, lost, duplicated, stopped_s, redelivered)
+    assert lost == 0, "a message was lost"
+    assert duplicated == 0, "a re-delivered message repeated its idempotent effect"
+
+
 def readyz(port: int) -> tuple[int, str]:
     """The worker's readiness answer; (0, reason) while its endpoint does not answer."""
     try:
