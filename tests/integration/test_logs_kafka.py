@@ -47,7 +47,7 @@ def test_json_logs_parse_line_by_line_and_a_dead_letter_carries_its_message_cont
     [dead] = [e for e in entries if "dead-lettered" in e["message"]]
     print(f"\n{len(entries)} JSON log lines; the dead letter: {json.dumps(dead)}")
     assert dead["level"] == "WARNING"
-    assert dead["logger"] == "kafkaworkers.worker"
+    assert dead["logger"] == "kafkaworkers.retry", "failure routing logs from the retry policy's module"
     assert dead["plugin"] == "echo"
     assert dead["topic"] == kwtest.ping
     assert dead["partition"] in (0, 1, 2)
