@@ -26,11 +26,11 @@ import inspect
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
@@ -41,12 +41,18 @@ from kafkaworkers.hookspecs import hookimpl
 from kafkaworkers.retry import RetryPolicy
 from kafkaworkers.transports import Headers, Message
 
-__all__ = ["Context", "Plugin", "PluginEnv", "Subscription"]
+__all__ = ["MAX_CONCURRENCY", "Context", "Ordering", "Plugin", "PluginEnv", "Subscription"]
+
+#: What is handled one after another at concurrency > 1 (see :class:`Plugin`).
+Ordering = Literal["key", "partition", "none"]
+#: The most messages of one plugin in flight in one process.
+MAX_CONCURRENCY = 10_000
 
 T = TypeVar("T")
 #: A plugin's state: what its ``on_start`` returns.
 S = TypeVar("S")
-Handler = Callable[[Any, "Context[Any]"], None]
+#: A handler: a function, or an ``async def``, of the decoded message and its context.
+Handler = Callable[[Any, "Context[Any]"], "Awaitable[None] | None"]
 H = TypeVar("H", bound=Handler)
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -54,12 +60,16 @@ _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 @dataclass(frozen=True, slots=True)
 class Subscription(Generic[T]):
-    """One consumed topic: its declared type and the handler that receives it."""
+    """One consumed topic: its declared type and the handler that receives it.
+
+    ``asynchronous``: the handler is an ``async def``, run on the worker's event loop.
+    """
 
     topic: str
     type: type[T]
     handler: Handler
     decoder: msgspec.json.Decoder[T] = field(repr=False, compare=False)
+    asynchronous: bool = False
 
 
 @dataclass(slots=True)
@@ -221,6 +231,11 @@ class Plugin(Generic[S]):
     :param retry: the retry and dead-letter policy; the default retries any exception
         three times (1 s, 10 s, 60 s, with jitter) and dead-letters after that.
     :param description: one line for ``kafkaworkers plugins``.
+    :param concurrency: how many messages of this plugin may be in flight at once unless the
+        settings say otherwise (``--concurrency``, ``[plugins.<name>] concurrency``).
+    :param ordering: at concurrency > 1, what is handled one after another in offset order:
+        ``key`` (messages with one key on one partition; the default), ``partition`` (all
+        of a partition) or ``none``.
     """
 
     def __init__(
@@ -230,12 +245,20 @@ class Plugin(Generic[S]):
         produces: Mapping[str, type] | None = None,
         retry: RetryPolicy | None = None,
         description: str = "",
+        concurrency: int = 1,
+        ordering: Ordering = "key",
     ) -> None:
         if not _NAME.match(name):
             raise PluginError(f"plugin name {name!r} must match {_NAME.pattern}")
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise PluginError(f"plugin {name!r}: concurrency must be a whole number from 1 to {MAX_CONCURRENCY}")
+        if ordering not in ("key", "partition", "none"):
+            raise PluginError(f"plugin {name!r}: ordering must be 'key', 'partition' or 'none', not {ordering!r}")
         self.name = name
         self.description = description
         self.retry = retry or RetryPolicy()
+        self.concurrency = concurrency
+        self.ordering: Ordering = ordering
         self.subscriptions: dict[str, Subscription[Any]] = {}
         self.produced: dict[str, type] = {}
         # topic -> what ``ctx.produce`` lets through: one isinstance per produced message.
@@ -266,7 +289,8 @@ class Plugin(Generic[S]):
             if topic in self.subscriptions:
                 raise PluginError(f"plugin {self.name!r} has two handlers for topic {topic!r}")
             typ = self._message_type(topic, handler, type)
-            self.subscriptions[topic] = Subscription(topic, typ, handler, msgspec.json.Decoder(typ))
+            asynchronous = inspect.iscoroutinefunction(handler)
+            self.subscriptions[topic] = Subscription(topic, typ, handler, msgspec.json.Decoder(typ), asynchronous)
             return handler
 
         return register

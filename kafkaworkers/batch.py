@@ -33,7 +33,7 @@ from kafkaworkers.producer import produce
 from kafkaworkers.retry import DLQ, OUTPUT, FailureRouter
 from kafkaworkers.transports import Consumer, Headers, Message, Producer
 
-__all__ = ["BREAKER_OPEN", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions"]
+__all__ = ["BREAKER_OPEN", "REFUSED", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions", "fatal"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TP = tuple[str, int]
 Held = tuple[str, "bytes | None", "bytes | None", Headers, Message, str]
 
 #: Delivery errors about one message, not the broker's health: producing it again cannot help.
-_REFUSED = frozenset(
+REFUSED = frozenset(
     {
         KafkaError.MSG_SIZE_TOO_LARGE,
         KafkaError.INVALID_RECORD,
@@ -114,6 +114,15 @@ class Partitions:
             log.warning("%s: paused %s[%d] at %d for %.1f s: %s", self.plugin, tp[0], tp[1], offset, wait, reason)
         self._changed()
 
+    def resume(self, tp: TP) -> None:
+        """Resume one partition now (its buffer drained)."""
+        if self.paused.pop(tp, None) is not None:
+            try:
+                self.consumer_of(tp[0]).resume([TopicPartition(*tp)])
+            except KafkaException as exc:
+                log.info("%s: could not resume %s[%d]: %s", self.plugin, tp[0], tp[1], exc.args[0].str())
+            self._changed()
+
     def resume_due(self) -> None:
         """Resume every paused partition whose time has come."""
         now = self.clock.monotonic()
@@ -155,7 +164,7 @@ class Partitions:
             self._on_change(len(self.paused))
 
 
-def _fatal(err: KafkaError) -> bool:
+def fatal(err: KafkaError) -> bool:
     """Whether the producer can produce no more: librdkafka flags it on ``error_cb`` errors, but
     the errors ``produce()`` and delivery reports carry afterwards only have the ``_FATAL`` code."""
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
@@ -249,9 +258,9 @@ class Batch:
             produce(self.producer, topic, value, key, headers, _Report(self, self.source, OUTPUT))
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
-            if _fatal(err):
+            if fatal(err):
                 self.fatal = err
-            if err.code() in _REFUSED:
+            if err.code() in REFUSED:
                 raise MessageTooLarge(f"the producer refused a message to {topic!r}: {err.str()}") from None
             raise
         self.produced[topic] += 1
@@ -302,7 +311,7 @@ class Batch:
 
     def refused(self, source: Message, kind: str, topic: str, err: KafkaError) -> None:
         """The producer or the broker refused a message: judged in :meth:`finish`."""
-        if _fatal(err):
+        if fatal(err):
             self.fatal = err
         self.refusals.append((source, kind, topic, err))
 
@@ -336,7 +345,7 @@ class Batch:
         """Dead-letter each message whose output or copy the broker refused for itself; any other
         refusal (an outage, a timeout) means the batch is handled again."""
         refusals, self.refusals = self.refusals, []
-        transient = [r for r in refusals if r[3].code() not in _REFUSED]
+        transient = [r for r in refusals if r[3].code() not in REFUSED]
         if transient:
             _, _, topic, err = transient[0]
             reason = f"{len(transient)} produced message(s) were not acknowledged ({topic}: {err.str()})"

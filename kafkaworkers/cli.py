@@ -10,17 +10,18 @@ import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import msgspec
 
 from kafkaworkers import __version__
 from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
-from kafkaworkers.config import admin_config
+from kafkaworkers.config import Settings, admin_config
 from kafkaworkers.config_cli import config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
@@ -32,6 +33,11 @@ from kafkaworkers.progress import progress, rate
 from kafkaworkers.samples import sample, schema
 from kafkaworkers.topics import KeyFieldError, check_key_field, message_key, topic_type, topics
 from kafkaworkers.transports import MEMORY_URL, Headers, transport_for
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from kafkaworkers.probes import Check, ProbeServer
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +53,25 @@ def cli() -> None:
 @click.option("--metrics-host", help="Bind address of /metrics and the probes [default 127.0.0.1].")
 @click.option("--metrics-port", type=int, help="Port of /metrics and the probes; 0 turns it off [default 9400].")
 @click.option("--broker-wait", type=float, default=30.0, show_default=True, help="Seconds to wait for the broker.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    help="Messages of each plugin in flight at once, in order per key [env KAFKAWORKERS_CONCURRENCY;"
+    " default: each plugin's own, most 1].",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this host, under a supervisor that restarts them and serves one /metrics.",
+)
+@click.option(
+    "--static-membership",
+    is_flag=True,
+    help="With --processes: a group.instance.id per process (plugins, host, index), so a restarted one"
+    " does not rebalance its groups.",
+)
 @settings_options
 @click.pass_context
 def run(
@@ -55,12 +80,14 @@ def run(
     names: tuple[str, ...],
     run_all: bool,
     broker_wait: float,
+    processes: int,
+    static_membership: bool,
     config_file: str | None,
     **overrides: Any,
 ) -> None:
     """Run plugins until SIGTERM or Ctrl-C (a second signal exits at once)."""
     from kafkaworkers.metrics import Metrics
-    from kafkaworkers.probes import ProbeServer
+    from kafkaworkers.supervisor import report_health, supervisor_fd
     from kafkaworkers.worker import Worker
 
     host = plugin_host(ctx)
@@ -68,6 +95,11 @@ def run(
         raise click.UsageError("--all runs every installed plugin; it does not combine with --plugin")
     if not names and not run_all:
         raise click.UsageError("name plugins with --plugin NAME, or pass --all")
+    if static_membership and processes == 1:
+        raise click.UsageError(
+            "--static-membership gives each of several --processes its own group.instance.id;"
+            " one process sets [consumer] group.instance.id itself"
+        )
     # Two members of one group in one process would only rebalance against each other.
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -78,29 +110,34 @@ def run(
         click.echo(f"kafkaworkers: warning: not running a broken plugin: {broken.error}", err=True)
     if not plugins:
         raise KafkaWorkersError("no plugins are installed; pip install one (see `kafkaworkers plugins`)")
+    if processes > 1:
+        args = _child_args(names, run_all, broker_wait, config_file, overrides)
+        ctx.exit(_supervise(settings, [p.name for p in plugins], processes, static_membership, args))
     # Port 0 turns the endpoint off, and with it the metrics' cost in the loop.
     metrics = Metrics() if settings.metrics_port else None
     worker = Worker(plugins, settings, host, metrics=metrics)
+
+    def live() -> tuple[bool, str]:
+        return worker.alive(settings.liveness_timeout)
+
+    supervised = supervisor_fd()
     server = None
-    if metrics is not None:
-        try:
-            server = ProbeServer(
-                settings.metrics_host,
-                settings.metrics_port,
-                metrics.registry,
-                live=lambda: worker.alive(settings.liveness_timeout),
-                ready=worker.readiness,
-            ).start()
-        except OSError as exc:
-            # A port in use or reserved is the port's fault; any other failure (not an address
-            # of this machine, a name that does not resolve) is the host's.
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                hint = "pick another --metrics-port (0 turns it off)"
-            else:
-                hint = "pick a --metrics-host of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
-            where = f"{settings.metrics_host}:{settings.metrics_port}"
-            raise KafkaWorkersError(f"cannot serve metrics on {where}: {exc.strerror or exc}; {hint}") from None
+    if metrics is not None and supervised is not None:
+        # A process of --processes serves its metrics to its supervisor only, on a port of its own.
+        server = _serve("127.0.0.1", 0, metrics.registry, live, worker.readiness)
+    elif metrics is not None:
+        server = _serve(settings.metrics_host, settings.metrics_port, metrics.registry, live, worker.readiness)
         click.echo(f"metrics and probes on http://{server.host}:{server.port}/metrics", err=True)
+    if supervised is not None:
+        report_health(
+            supervised,
+            live,
+            worker.readiness,
+            server.port if server else None,
+            on_orphan=worker.stop,
+            interval=min(1.0, settings.liveness_timeout / 4),
+            exit_after=settings.shutdown_grace + _STOP_MARGIN,
+        )
     signals = {"count": 0}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -113,6 +150,82 @@ def run(
     signal.signal(signal.SIGINT, on_signal)
     try:
         worker.run(broker_wait=broker_wait)
+    finally:
+        if server:
+            server.close()
+
+
+#: Seconds a stopping worker process gets beyond its shutdown_grace before it is killed.
+_STOP_MARGIN = 5.0
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry, live: Check, ready: Check) -> ProbeServer:
+    """Start the metrics and probes endpoint, or say in one line why it cannot listen there."""
+    from kafkaworkers.probes import ProbeServer
+
+    try:
+        return ProbeServer(host, port, registry, live=live, ready=ready).start()
+    except OSError as exc:
+        # A port in use or reserved is the port's fault; any other failure (not an address
+        # of this machine, a name that does not resolve) is the host's.
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            hint = "pick another --metrics-port (0 turns it off)"
+        else:
+            hint = "pick a --metrics-host of this machine (127.0.0.1, or 0.0.0.0 for every interface)"
+        raise KafkaWorkersError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+
+
+def _child_args(
+    names: tuple[str, ...], run_all: bool, broker_wait: float, config_file: str | None, overrides: dict[str, Any]
+) -> list[str]:
+    """The ``run`` command line of a supervised process: this one's, without ``--processes``."""
+    args = ["run", "--all"] if run_all else ["run", *(arg for name in names for arg in ("--plugin", name))]
+    args += ["--broker-wait", repr(broker_wait)]
+    if config_file:
+        args += ["--config", config_file]
+    for name, value in overrides.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
+
+
+def _supervise(settings: Settings, plugins: list[str], processes: int, static: bool, args: list[str]) -> int:
+    """Run ``processes`` worker processes under a supervisor until SIGTERM or Ctrl-C; its exit status."""
+    from kafkaworkers.supervisor import Supervisor, instance_ids
+
+    fixed = settings.consumer.get("group.instance.id", settings.kafka.get("group.instance.id"))
+    if fixed and not static:
+        raise KafkaWorkersError(
+            f"group.instance.id={fixed!r} would be shared by all {processes} processes, each fencing the"
+            " others out of the group; pass --static-membership to give each its own"
+        )
+    supervisor = Supervisor(
+        [sys.executable, "-m", "kafkaworkers", *args],
+        processes,
+        liveness_timeout=settings.liveness_timeout,
+        stop_timeout=settings.shutdown_grace + _STOP_MARGIN,
+        instance_ids=instance_ids(plugins, socket.gethostname(), processes) if static else None,
+    )
+    server = None
+    if settings.metrics_port:
+        server = _serve(
+            settings.metrics_host, settings.metrics_port, supervisor.registry, supervisor.live, supervisor.ready
+        )
+        where = f"http://{server.host}:{server.port}/metrics"
+        click.echo(f"metrics and probes of the {processes} processes on {where}", err=True)
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            supervisor.kill()
+            os._exit(128 + signum)
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return supervisor.run()
     finally:
         if server:
             server.close()

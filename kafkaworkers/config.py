@@ -92,6 +92,8 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # How long a stopping worker may spend flushing, committing and leaving its groups: well
     # inside Kubernetes' default 30 s before it sends SIGKILL, even with the broker down.
     shutdown_grace: Annotated[float, msgspec.Meta(gt=0, le=600)] = 20.0
+    # Messages of one plugin in flight at once; unset, each plugin's own default (most: 1).
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
     kafka: dict[str, Any] = {}
     consumer: dict[str, Any] = {}
     producer: dict[str, Any] = {}
@@ -110,9 +112,26 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.group_id or self.group_prefix + plugin
 
     def plugin_config(self, name: str) -> dict[str, Any]:
-        """A plugin's own ``[plugins.<name>]`` table."""
-        return dict(self.plugins.get(name, {}))
+        """A plugin's own ``[plugins.<name>]`` table, without the framework's per-plugin settings."""
+        return {k: v for k, v in self.plugins.get(name, {}).items() if k not in PER_PLUGIN}
 
+    def concurrency_for(self, name: str, declared: int = 1) -> int:
+        """A plugin's concurrency: ``[plugins.<name>] concurrency``, else ``concurrency``, else
+        what the plugin declares."""
+        value = self.plugins.get(name, {}).get("concurrency", self.concurrency)
+        if value is None:
+            return declared
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_CONCURRENCY:
+            raise ConfigError(
+                f"bad setting [plugins.{name}] concurrency={value!r}: must be between 1 and {_MAX_CONCURRENCY}"
+            )
+        return value
+
+
+#: Framework settings a ``[plugins.<name>]`` table may set for that plugin alone; the plugin
+#: does not see them in its own configuration.
+PER_PLUGIN = frozenset({"concurrency"})
+_MAX_CONCURRENCY = 10_000
 
 _SECTIONS = ("kafka", "consumer", "producer")
 _TABLES = (*_SECTIONS, "plugins")
@@ -124,6 +143,7 @@ _DEFAULTS = Settings()
 _OTHER_VARIABLES = frozenset(
     {
         "KAFKAWORKERS_DISABLE_PLUGINS",  # kafkaworkers.plugins
+        "KAFKAWORKERS_SUPERVISOR_FD",  # kafkaworkers.supervisor: set for the processes of --processes
         "KAFKAWORKERS_CHAOS_SCALE",  # the test suite: workers it starts inherit them
         "KAFKAWORKERS_TEST_SEED",
     }

@@ -86,14 +86,18 @@ class Harness:
         self._producer.flush()
 
     def run_until_idle(self, timeout: float = 10.0, wait_for_retries: bool = False) -> int:
-        """Step the worker until no message is left (and, if asked, no retry is waiting)."""
+        """Step the worker until no message is left or in flight (and, if asked, no retry is waiting)."""
         handled = 0
+        idle = 0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             n = self.worker.run_once(timeout=0.01)
             handled += n
             waiting = wait_for_retries and any(r.paused for r in self.worker.runners)
-            if n == 0 and not waiting:
+            in_flight = any(r.dispatcher is not None and r.dispatcher.in_flight for r in self.worker.runners)
+            # Twice idle: the step that stored the last offsets is followed by one that commits them.
+            idle = idle + 1 if n == 0 and not waiting and not in_flight else 0
+            if idle == 2:
                 return handled
         raise TimeoutError(f"still busy after {timeout} s ({handled} handled)")
 

@@ -34,6 +34,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription
 from kafkaworkers.batch import BREAKER_OPEN, RETRY_IN_PLACE, RETRY_NOT_DUE, Batch, Partitions
 from kafkaworkers.clock import SYSTEM_CLOCK, Clock
+from kafkaworkers.concurrency import Dispatcher, EventLoopThread
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
 from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, DecodeError, PluginError
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 _ERROR_LOG_INTERVAL = 10.0
 _BROKER_CHECK_INTERVAL = 5.0
+#: At concurrency N, a partition is paused past max(2N, this) accepted, unfinished messages.
+_MIN_BUFFER = 64
+#: The most a revoke waits for the revoked partitions' messages in flight.
+_MAX_REVOKE_WAIT = 10.0
 #: Consumer errors that mean no broker can be reached (readiness fails until one answers).
 _UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
 TP = tuple[str, int]
@@ -58,13 +63,16 @@ TP = tuple[str, int]
 class _Route:
     """A consumed topic's handler with its metric children, resolved once per plugin."""
 
-    __slots__ = ("consumed", "dead", "decoder", "duration", "handler", "ok", "retried", "topic", "type_name")
+    __slots__ = (
+        "asynchronous", "consumed", "dead", "decoder", "duration", "handler", "ok", "retried", "topic", "type_name"
+    )  # fmt: skip
 
     def __init__(self, subscription: Subscription[Any], metrics: PluginMetrics | None) -> None:
         self.topic = subscription.topic
         self.type_name = getattr(subscription.type, "__name__", str(subscription.type))
         self.decoder = subscription.decoder
         self.handler = subscription.handler
+        self.asynchronous = subscription.asynchronous
         self.duration = metrics.duration(self.topic) if metrics else None
         self.consumed = self.ok = self.retried = self.dead = 0
 
@@ -130,6 +138,14 @@ class PluginRunner:
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
         self._hook_batch = host.has_impl("kafkaworkers_batch_received")
+        self.concurrency = settings.concurrency_for(plugin.name, plugin.concurrency)
+        #: at concurrency > 1, what runs the messages in flight (see :mod:`kafkaworkers.concurrency`)
+        self.dispatcher: Dispatcher | None = None
+        if self.concurrency > 1:
+            buffer = max(2 * self.concurrency, _MIN_BUFFER)
+            revoke = min(_MAX_REVOKE_WAIT, settings.shutdown_grace / 2)
+            self.dispatcher = Dispatcher(self, self.concurrency, buffer, revoke)
+        self.loop = self.dispatcher.loop if self.dispatcher is not None else EventLoopThread(plugin.name)
 
     @property
     def paused(self) -> dict[TP, tuple[float, str]]:
@@ -165,7 +181,10 @@ class PluginRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Revocation happens inside consume(), so the previous batch is finished and its
-        # offsets stored: commit them now, before another member takes the partitions.
+        # offsets stored (at concurrency > 1: what finished in a bounded wait): commit them
+        # now, before another member takes the partitions.
+        if self.dispatcher is not None:
+            self.dispatcher.revoked(partitions)
         self._commit(consumer)
         self._forget(partitions)
         if partitions:
@@ -174,6 +193,8 @@ class PluginRunner:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%s: lost %s; their uncommitted work will be redone", self.plugin.name, _fmt(partitions))
+        if self.dispatcher is not None:
+            self.dispatcher.revoked(partitions, lost=True)
         self._forget(partitions)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
@@ -240,6 +261,8 @@ class PluginRunner:
 
     def step(self, timeout: float, flush: Any) -> int:
         """Consume and finish one batch; return how many messages it held."""
+        if self.dispatcher is not None:
+            return self.dispatcher.step(timeout)
         if self.partitions.paused:
             self.partitions.resume_due()
         messages = self._fetch(timeout)
@@ -323,7 +346,9 @@ class PluginRunner:
                 start = perf()
                 in_place = self._in_place.get(tp) if self._in_place else None
                 attempt = in_place[1] + 1 if in_place is not None and in_place[0] == offset else 0
-                route.handler(value, Context(plugin, msg, send, state, attempt))
+                done = route.handler(value, Context(plugin, msg, send, state, attempt))
+                if route.asynchronous:
+                    self.loop.run(done)
                 if route.duration is not None:
                     route.duration.observe(perf() - start)
             except CircuitOpenError as exc:
@@ -609,12 +634,17 @@ class Worker:
             log.info("worker stopping: flushing and committing (at most %.0f s)", grace)
             deadline = time.monotonic() + grace
             self.host.worker_stopping(self)
-            waiting = self.flush(timeout=grace / 2)
+            for runner in self.runners:
+                if runner.dispatcher is not None:
+                    runner.dispatcher.drain(time.monotonic() + grace / 2)
+            waiting = self.flush(timeout=max(0.0, deadline - time.monotonic()) / 2)
             if waiting:
                 log.warning("%d produced message(s) not acknowledged within the grace; they will be redone", waiting)
             reachable = not any(runner.broker_down for runner in self.runners)
             for runner in self.runners:
                 runner.close(commit=reachable and time.monotonic() < deadline)
+        for runner in self.runners:
+            runner.loop.close()
         for plugin, state in reversed(self._started):
             try:
                 plugin.stop(state)
