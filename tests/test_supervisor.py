@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.supervisor import ENV_FD, ENV_INSTANCE_ID, Supervisor, instance_ids
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, KwTest, wait_for
 
 #: A child speaking the supervisor's protocol through kafkaworkers' own reporter. FAKE_MODE:
 #: ready (reports ready; SIGTERM -> records it and exits 0), fail (exits 1 at once with the
@@ -149,9 +149,7 @@ def test_a_child_that_dies_is_restarted_with_a_growing_capped_backoff(supervise,
     assert running.supervisor.restarts.labels("0", "exited")._value.get() >= 5
 
 
-def test_children_failing_at_start_make_it_give_up_saying_the_last_error_once(
-    supervise, tmp_path: Path, capfd
-) -> None:
+def test_children_failing_at_start_make_it_give_up_saying_the_last_error_once(supervise, tmp_path: Path, capfd) -> None:
     running = supervise("fail", processes=2, start_failures=3)
     running.finish()
     assert isinstance(running.error, KafkaWorkersError)
@@ -178,9 +176,11 @@ def test_a_child_that_stops_reporting_is_killed_and_restarted_and_livez_fails_me
     assert any(gone(pid) for pid in stopped)
     wait_for(lambda: running.supervisor.live()[0], 10, "/livez to pass with the replacement reporting")
     wait_for(lambda: running.supervisor.ready()[0], 10, "both children ready again")
-    assert running.supervisor.restarts.labels("0", "wedged")._value.get() + running.supervisor.restarts.labels(
-        "1", "wedged"
-    )._value.get() == 1
+    assert (
+        running.supervisor.restarts.labels("0", "wedged")._value.get()
+        + running.supervisor.restarts.labels("1", "wedged")._value.get()
+        == 1
+    )
 
 
 def test_a_child_that_ignores_sigterm_is_killed_at_the_stop_timeout_and_the_status_says_so(
@@ -204,7 +204,9 @@ def test_readyz_waits_for_every_child(supervise, tmp_path: Path) -> None:
 def test_metrics_merge_every_childs_scrape_labelled_by_process(supervise, tmp_path: Path) -> None:
     running = supervise("metrics", processes=1, env={"FAKE_VALUE": "7"})
     wait_for(lambda: running.supervisor.ready()[0], 20, "the child ready")
-    families = {f.name: f for f in text_string_to_metric_families(generate_latest(running.supervisor.registry).decode())}
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(running.supervisor.registry).decode())
+    }
     handled = [s for s in families["kafkaworkers_messages_handled"].samples if s.name.endswith("_total")]
     assert [(s.labels, s.value) for s in handled] == [({"outcome": "ok", "process": "0"}, 7.0)]
     assert [(s.labels, s.value) for s in families["kafkaworkers_process_up"].samples] == [({"process": "0"}, 1.0)]
@@ -253,10 +255,32 @@ def test_orphans_end_even_if_their_worker_does_not_stop(tmp_path: Path) -> None:
     assert child.wait(20) == 1
 
 
-def test_children_run_in_sessions_of_their_own_so_ctrl_c_reaches_the_supervisor_only(
-    supervise, tmp_path: Path
-) -> None:
+def test_children_run_in_sessions_of_their_own_so_ctrl_c_reaches_the_supervisor_only(supervise, tmp_path: Path) -> None:
     running = supervise("ready", processes=1)
     wait_for(lambda: running.supervisor.ready()[0], 20, "the child ready")
     (pid,) = pids(tmp_path)
     assert os.getsid(pid) == pid != os.getsid(0)
+
+
+def test_static_membership_needs_several_processes(kwtest: KwTest) -> None:
+    result = kwtest.cli("run", "--plugin", "echo", "--static-membership")
+    assert result.returncode == 2
+    assert result.stderr.startswith("kafkaworkers: error: --static-membership gives each of several --processes")
+
+
+def test_one_instance_id_for_several_processes_is_refused(kwtest: KwTest) -> None:
+    result = kwtest.cli(
+        "run",
+        "--plugin",
+        "echo",
+        "--processes",
+        "2",
+        "-b",
+        "127.0.0.1:1",
+        KAFKAWORKERS_CONSUMER_GROUP_INSTANCE_ID="one",
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "kafkaworkers: error: group.instance.id='one' would be shared by all 2 processes, each fencing the"
+        " others out of the group; pass --static-membership to give each its own\n"
+    )
