@@ -148,16 +148,6 @@ class Context(Generic[S]):
             self._headers = parse_headers(self._message.headers())
         return self._headers
 
-    def _header(self, name: str) -> bytes | None:
-        """One header's value (the last one), without building the whole dict on the hot path."""
-        if self._headers is not None:
-            return self._headers.get(name)
-        found = None
-        for key, value in self._message.headers() or ():
-            if key == name:
-                found = value if value is not None else b""
-        return found
-
     @property
     def attempt(self) -> int:
         """1 on first delivery, 2 on the first retry, and so on."""
@@ -196,18 +186,29 @@ class Context(Generic[S]):
                 f"plugin {self.plugin.name!r} produced a {type(value).__qualname__} to {topic!r}, "
                 f"which is declared to carry {_type_name(self.plugin.produced[topic])}"
             )
+        # Once per produced message: _header and _encode written out here save two calls.
         out: Headers = []
-        correlation = self._header(H_CORRELATION_ID)
-        if correlation is not None and not (headers and H_CORRELATION_ID in headers):
-            out.append((H_CORRELATION_ID, correlation))
+        if not (headers and H_CORRELATION_ID in headers):
+            if self._headers is not None:
+                correlation = self._headers.get(H_CORRELATION_ID)
+            else:
+                correlation = None
+                for name, raw in self._message.headers() or ():
+                    if name == H_CORRELATION_ID:
+                        correlation = raw if raw is not None else b""
+            if correlation is not None:
+                out.append((H_CORRELATION_ID, correlation))
         if headers:
             out.extend((k, v.encode() if isinstance(v, str) else v) for k, v in headers.items())
         if key is None:
             key = self._message.key()
-        self._send(topic, _encode(value), key.encode() if isinstance(key, str) else key, out)
+        elif isinstance(key, str):
+            key = key.encode()
+        self._send(topic, value if isinstance(value, bytes) else _encode_struct(value), key, out)
 
 
 _encoder = msgspec.json.Encoder()
+_encode_struct = _encoder.encode
 
 
 def _encode(value: Any) -> bytes:

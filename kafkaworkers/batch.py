@@ -202,6 +202,7 @@ class Batch:
         "first",
         "held",
         "last",
+        "max_bytes",
         "partitions",
         "plugin",
         "produced",
@@ -224,6 +225,7 @@ class Batch:
         self.plugin = plugin
         self.producer = producer
         self.router = router
+        self.max_bytes = router.max_bytes
         self.partitions = partitions
         self.produced = produced
         #: first and last handled offset per partition
@@ -246,16 +248,21 @@ class Batch:
         A value over the producer's size limit raises :class:`MessageTooLarge` here, in the
         handler, so its message is dead-lettered with the reason instead of failing the batch.
         """
-        if value is not None and len(value) > self.router.max_bytes:
+        if value is not None and len(value) > self.max_bytes:
             raise MessageTooLarge(
                 f"a message of {len(value)} bytes to {topic!r} is over the producer's message.max.bytes"
-                f" ({self.router.max_bytes} bytes for the value)"
+                f" ({self.max_bytes} bytes for the value)"
             )
         if self.held is not None:
             self.held.append((topic, value, key, headers, self.source, OUTPUT))
             return
+        report = _Report(self, self.source, OUTPUT)
         try:
-            produce(self.producer, topic, value, key, headers, _Report(self, self.source, OUTPUT))
+            # Once per output: the producer called straight, the produce() helper only when its queue is full.
+            try:
+                self.producer.produce(topic, value, key, on_delivery=report, headers=headers or None)
+            except BufferError:
+                produce(self.producer, topic, value, key, headers, report)
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if fatal(err):
