@@ -155,9 +155,12 @@ class Dispatcher:
     :param concurrency: at most this many messages in flight at once.
     :param buffer: accepted but unfinished messages per partition before it is paused.
     :param revoke_timeout: how long a revoke waits for the revoked partitions' messages.
+    :param wakeup: set whenever a handler finishes, for a loop waiting on several plugins.
     """
 
-    def __init__(self, runner: PluginRunner, concurrency: int, buffer: int, revoke_timeout: float) -> None:
+    def __init__(
+        self, runner: PluginRunner, concurrency: int, buffer: int, revoke_timeout: float, wakeup: threading.Event
+    ) -> None:
         self.runner = runner
         self.plugin = runner.plugin
         self.concurrency = concurrency
@@ -170,6 +173,7 @@ class Dispatcher:
         self.ready: deque[object] = deque()
         self.running = 0
         self.completed: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.wakeup = wakeup
         self.fatal: KafkaError | None = None
         self._advanced: set[TP] = set()
         self._backoff: dict[TP, float] = {}
@@ -183,8 +187,7 @@ class Dispatcher:
         runner = self.runner
         if runner.partitions.paused:
             runner.partitions.resume_due()
-        busy = self.running or self.ready
-        messages = runner._fetch(min(timeout, 0.005) if busy else timeout)
+        messages = runner._fetch(timeout)
         if messages:
             if runner._hook_batch:
                 runner.host.batch_received(self.plugin, messages)
@@ -310,6 +313,7 @@ class Dispatcher:
             job.error = exc
         job.seconds = time.perf_counter() - start
         self.completed.put(job)
+        self.wakeup.set()
 
     async def _run_async(self, job: Job, ctx: Context[Any]) -> None:
         start = time.perf_counter()
@@ -321,6 +325,7 @@ class Dispatcher:
             job.error = exc
         job.seconds = time.perf_counter() - start
         self.completed.put(job)
+        self.wakeup.set()
 
     # --- finishing ---------------------------------------------------------------------
 
