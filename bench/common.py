@@ -136,6 +136,22 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, summed by thread name (``comm``): the main
+    thread's Python against librdkafka's own threads (``rdk:main``, ``rdk:broker...``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = "rdk:broker" if name.startswith("rdk:broker") else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def proc_status_kb(field_name: str, pid: int | str = "self") -> int:
     """A ``kB`` field of ``/proc/<pid>/status``, e.g. ``VmHWM`` (peak RSS) or ``VmRSS``; 0 if absent."""
     try:
@@ -183,7 +199,7 @@ class Meter:
             "cpu_total_s": _cpu_seconds(),
             "vm_hwm_kb": proc_status_kb("VmHWM"),
             "vm_rss_kb": proc_status_kb("VmRSS"),
-            "extra": extra,
+            "extra": {**extra, "threads": thread_cpu()},
         }
         Path(self.spec.result_file).write_text(json.dumps(result))
 

@@ -19,7 +19,18 @@ from pathlib import Path
 
 import msgspec
 
-__all__ = ["PedidoNovo", "PedidoProcessado", "fails_once", "make_order", "order_stream", "process"]
+__all__ = [
+    "Pagamento",
+    "PagamentoResumo",
+    "PedidoNovo",
+    "PedidoProcessado",
+    "fails_once",
+    "make_order",
+    "order_stream",
+    "payment_stream",
+    "process",
+    "summarize",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +70,37 @@ def process(order: PedidoNovo) -> PedidoProcessado:
         total_centavos=order.total_centavos,
         itens=len(order.itens),
         pais_entrega=order.pais_entrega,
+    )
+
+
+class Pagamento(msgspec.Struct, frozen=True, kw_only=True):
+    """W3-small's input: a flat payment event of about 230 bytes of JSON, where decoding costs
+    little and the framework's own per-message cost shows."""
+
+    event_id: str
+    order_id: str
+    cliente_id: str
+    valor_centavos: int
+    moeda: str
+    metodo: str
+    parcelas: int
+    status: str
+    pais: str
+    occurred_at: datetime
+
+
+class PagamentoResumo(msgspec.Struct, frozen=True, kw_only=True):
+    """W3-small's result (about 60 bytes of JSON)."""
+
+    order_id: str
+    valor_centavos: int
+    aprovado: bool
+
+
+def summarize(payment: Pagamento) -> PagamentoResumo:
+    """The per-message work of W3-small, after decoding."""
+    return PagamentoResumo(
+        order_id=payment.order_id, valor_centavos=payment.valor_centavos, aprovado=payment.status == "aprovado"
     )
 
 
@@ -106,3 +148,34 @@ def order_stream(count: int, prefix: str, seed: int = 7):
         order_id = f"{prefix}-{i:08d}"
         value = encode(make_order(rng, order_id))
         yield order_id.encode(), value, [(CORRELATION_HEADER, uuid.UUID(int=rng.getrandbits(128)).hex.encode())]
+
+
+_METODOS = ["cartao", "pix", "boleto"]
+_STATUS = ["aprovado", "aprovado", "aprovado", "recusado"]
+
+
+def payment_stream(count: int, prefix: str, seed: int = 11, keys: int | None = None):
+    """``count`` encoded :class:`Pagamento` events as (key, value, headers), deterministic for a
+    seed; keyed by order id, or by one of ``keys`` customer ids when given (W6)."""
+    rng = random.Random(seed)
+    encode = msgspec.json.Encoder().encode
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(count):
+        order_id = f"{prefix}-{i:08d}"
+        cliente_id = f"c{rng.randrange(keys or 10**6):06d}"
+        value = encode(
+            Pagamento(
+                event_id=uuid.UUID(int=rng.getrandbits(128)).hex,
+                order_id=order_id,
+                cliente_id=cliente_id,
+                valor_centavos=rng.randint(990, 999_990),
+                moeda="BRL",
+                metodo=rng.choice(_METODOS),
+                parcelas=rng.randint(1, 12),
+                status=rng.choice(_STATUS),
+                pais="BR",
+                occurred_at=start + timedelta(seconds=rng.randrange(10**7)),
+            )
+        )
+        key = cliente_id if keys else order_id
+        yield key.encode(), value, [(CORRELATION_HEADER, uuid.UUID(int=rng.getrandbits(128)).hex.encode())]

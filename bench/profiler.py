@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.broker import Broker  # noqa: E402
 from bench.common import Spec  # noqa: E402
-from bench.orders import order_stream  # noqa: E402
+from bench.orders import order_stream, payment_stream  # noqa: E402
 from bench.runner import Contender, Workspace, make_spec  # noqa: E402
 
 KW_INPROC = Contender("prof", "W3", "kafkaworkers in-process", module="bench.contenders.kafkaworkers_inproc")
@@ -38,6 +38,10 @@ def main() -> int:
     p.add_argument("--messages", "-n", type=int, default=50_000)
     p.add_argument("--top", type=int, default=25, help="frames to print per table")
     p.add_argument("--metrics", choices=("on", "off"), default="on")
+    p.add_argument("--data", choices=("orders", "payments"), default="orders",
+                   help="the 430-byte orders (W3) or the 230-byte payment events (W3-small)")  # fmt: skip
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample with py-spy instead (.venv/bin/pip install py-spy); print its top frames")  # fmt: skip
     p.add_argument("--fail-pct", type=float, default=0.0, help="W4: percent of orders failing once (retry topic)")
     p.add_argument("--pyinstrument", action="store_true", help="use pyinstrument instead of cProfile")
     p.add_argument("--output", type=Path, help="also write the cProfile stats (pstats format) here")
@@ -49,9 +53,11 @@ def main() -> int:
     orders, out = f"{prefix}-orders", f"{prefix}-results"
     try:
         broker.create(orders, out)
-        broker.fill(orders, order_stream(args.messages, prefix[-6:]))
+        stream = payment_stream if args.data == "payments" else order_stream
+        broker.fill(orders, stream(args.messages, prefix[-6:]))
         spec = make_spec(KW_INPROC, ws, orders, out, args.messages, "r0")
         spec.fail_pct = args.fail_pct
+        spec.options["data"] = args.data
         spec.options["config"] = str(ws.kw_config(spec))
         os.environ[Spec.ENV] = str(spec.save(ws.path / f"{spec.group}.spec.json"))
         from bench.contenders import kafkaworkers_inproc as inproc
@@ -59,6 +65,8 @@ def main() -> int:
         worker = inproc.build(metrics=args.metrics == "on", observer=args.metrics == "on")
         if args.pyinstrument:
             return _pyinstrument(worker, inproc)
+        if args.py_spy:
+            return _py_spy(worker, inproc, ws.path / "py-spy.txt")
         profiler = cProfile.Profile()
         profiler.enable()
         inproc.run(worker)
@@ -129,6 +137,44 @@ def _pyinstrument(worker, inproc) -> int:
     inproc.run(worker)
     profiler.stop()
     print(profiler.output_text(unicode=True, color=False, show_all=False))
+    return 0
+
+
+def _py_spy(worker, inproc, raw: Path) -> int:
+    """Sample this process with py-spy (native frames included) while the worker runs; print the
+    functions with the most own samples, and the samples' total per kafkaworkers/bench line."""
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if exe is None:
+        print("py-spy is not installed: .venv/bin/pip install py-spy (not a project dependency)")
+        return 1
+    spy = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", "1000", "--format", "raw",
+                            "--output", str(raw), "--nonblocking"], stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)  # py-spy attaches
+    inproc.run(worker)
+    spy.send_signal(2)
+    spy.wait(30)
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any("run_once" in f for f in frames):
+            continue  # start-up and shutdown
+        total += int(count)
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+    from bench.contenders import kafkaworkers_plugin as kp
+
+    m = kp.state.meter
+    print(f"{m.count:,} messages in {m.elapsed:.2f} s ({m.count / m.elapsed:,.0f} msgs/s) under py-spy; "
+          f"{total} samples in the loop")  # fmt: skip
+    for leaf, n in sorted(own.items(), key=lambda kv: -kv[1])[:40]:
+        print(f"{100 * n / max(total, 1):6.2f}%  {leaf}")
+    print(f"raw stacks: {raw}")
     return 0
 
 

@@ -102,6 +102,98 @@ def _notes(ok: list[RunResult]) -> str:
     return ""
 
 
+def pair_ratios(summary: dict[str, dict], contender: str, baseline: str) -> dict[str, object]:
+    """``contender`` against ``baseline``: ratios of their medians (throughput, CPU per message) and
+    the same ratios within each repetition (the two ran next to each other in it)."""
+    a, b = summary.get(contender), summary.get(baseline)
+    nan = float("nan")
+    if not a or not b or not a["ok"] or not b["ok"]:
+        return {"rate": nan, "cpu": nan, "rate_runs": [], "cpu_runs": []}
+    paired = [(x, y) for x in a["ok"] for y in b["ok"] if x.rep == y.rep]
+    return {
+        "rate": a["rate"] / b["rate"] if b["rate"] else nan,
+        "cpu": a["cpu"] / b["cpu"] if b["cpu"] else nan,
+        "rate_runs": [x.rate / y.rate for x, y in paired if y.rate],
+        "cpu_runs": [x.cpu_per_100k / y.cpu_per_100k for x, y in paired if y.cpu_per_100k],
+    }
+
+
+def small_lines(summary: dict[str, dict], kw: str, baseline: str) -> list[str]:
+    """W3-small's ratios, with the per-repetition ones."""
+    r = pair_ratios(summary, kw, baseline)
+    if r["rate"] != r["rate"]:
+        return ["W3-small did not complete: no ratios."]
+    a, b = summary[kw], summary[baseline]
+    per_msg = (a["cpu"] - b["cpu"]) / 100_000 * 1e6
+    rate_runs = ", ".join(_fmt(x, 2) for x in r["rate_runs"])  # type: ignore[attr-defined]
+    cpu_runs = ", ".join(_fmt(x, 2) for x in r["cpu_runs"])  # type: ignore[attr-defined]
+    return [
+        f"- throughput, kafkaworkers / hand-written: **{_fmt(r['rate'], 2)}** (medians; per repetition {rate_runs})",
+        f"- CPU per message, kafkaworkers / hand-written: **{_fmt(r['cpu'], 2)}** (medians; per repetition "
+        f"{cpu_runs}); {_fmt(a['cpu'] / 100_000 * 1e6, 1)} against {_fmt(b['cpu'] / 100_000 * 1e6, 1)} us per "
+        f"message, {_fmt(per_msg, 1)} us more",
+    ]
+
+
+def w6_lines(contenders: list[Contender], summary: dict[str, dict]) -> list[str]:
+    """W6 as one row per contender family, one column per concurrency, and the target lines."""
+    families: dict[str, dict[int, str]] = {}
+    labels: dict[str, str] = {}
+    for c in contenders:
+        family = c.key.rsplit("-c", 1)[0]
+        families.setdefault(family, {})[c.options["concurrency"]] = c.key
+        labels.setdefault(family, c.label)
+    lines = [
+        "| contender | c=1 msgs/s | c=8 msgs/s | c=64 msgs/s | c=64 / c=1 | CPU s / 100k msgs at its best "
+        "| runs (msgs/s) |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    best: dict[str, float] = {}
+    for family, keys in families.items():
+        rates = {n: summary.get(k, {}).get("rate", float("nan")) for n, k in keys.items()}
+        ok = {n: r for n, r in rates.items() if r == r}
+        top = max(ok, key=ok.__getitem__) if ok else None
+        best[family] = ok[top] if top is not None else float("nan")
+        ratio = rates.get(64, float("nan")) / rates[1] if rates.get(1) else float("nan")
+        cpu = summary[keys[top]]["cpu"] if top is not None else float("nan")
+        runs = "; ".join(f"c={n}: " + ", ".join(_fmt(r.rate) if r.ok else "failed" for r in summary[k]["runs"])
+                         for n, k in keys.items() if k in summary)  # fmt: skip
+        at = [_fmt(rates.get(n, float("nan"))) for n in (1, 8, 64)]
+        lines.append(f"| {labels[family]} | {' | '.join(at)} | {_fmt(ratio, 1)} | {_fmt(cpu, 1)} | {runs} |")
+    return [*lines, "", *w6_targets(best, summary)]
+
+
+def w6_targets(best: dict[str, float], summary: dict[str, dict]) -> list[str]:
+    lines = []
+    peers = {f: r for f, r in best.items() if not f.startswith("kw-")}
+    for io in ("sync", "async"):
+        family = f"kw-w6-{io}"
+        if family not in best:
+            continue
+        c1 = summary.get(f"{family}-c1", {}).get("rate", float("nan"))
+        c64 = summary.get(f"{family}-c64", {}).get("rate", float("nan"))
+        ratio = c64 / c1 if c1 == c1 and c1 else float("nan")
+        ahead = bool(peers) and all(c64 > r for r in peers.values() if r == r)
+        detail = ", ".join(f"{f} {_fmt(r)}" for f, r in peers.items())
+        lines.append(f"- {'PASS' if ratio >= 40 else 'FAIL'}: W6 kafkaworkers {io}, concurrency 64 >= 40x "
+                     f"concurrency 1: {_fmt(c64)} / {_fmt(c1)} = {_fmt(ratio, 1)}x")  # fmt: skip
+        lines.append(f"- {'PASS' if ahead else 'FAIL'}: W6 kafkaworkers {io} at 64 ({_fmt(c64)} msgs/s) ahead of "
+                     f"every peer at its best setting: {detail or 'no peer ran'}")  # fmt: skip
+    return lines
+
+
+def w7_lines(summary: dict[str, dict]) -> list[str]:
+    one, two = summary.get("kw-p1", {}), summary.get("kw-p2", {})
+    r1, r2 = one.get("rate", float("nan")), two.get("rate", float("nan"))
+    ratio = r2 / r1 if r1 == r1 and r1 else float("nan")
+    runs = "; ".join(f"{k}: " + ", ".join(_fmt(r.rate) if r.ok else "failed" for r in s["runs"])
+                     for k, s in (("--processes 1", one), ("--processes 2", two)) if s)  # fmt: skip
+    return [
+        f"- {'PASS' if ratio >= 1.5 else 'FAIL'}: W7 `--processes 2` / `--processes 1` >= 1.5: {_fmt(r2)} / "
+        f"{_fmt(r1)} msgs/s = {_fmt(ratio, 2)} (medians; {runs})",
+    ]
+
+
 def perf_table(results: list[tuple[str, PerfResult]]) -> list[str]:
     lines = [
         "| tool | msgs/s (median) | runs | detail (last run) | JVM CPU s | JVM peak RSS MiB |",
@@ -145,6 +237,13 @@ def targets(summary: dict[str, dict], peers: list[str], kw: str, baseline: float
 
     def line(ok: bool | None, text: str) -> None:
         lines.append(f"- {'PASS' if ok else 'FAIL'}: {text}")
+
+    if "kw-small" in summary or "w2-small" in summary:
+        small = pair_ratios(summary, "kw-small", "w2-small")
+        line(small["cpu"] <= 1.25, f"W3-small CPU per message, kafkaworkers / hand-written <= 1.25 (concurrency 1, "
+             f"metrics on): {_fmt(small['cpu'], 2)} (throughput ratio {_fmt(small['rate'], 2)})")  # fmt: skip
+    if kw not in summary and "w2" not in summary:
+        return lines
 
     kw_s = summary.get(kw, {})
     kw_rate, kw_rss = kw_s.get("rate", float("nan")), kw_s.get("rss", float("nan"))

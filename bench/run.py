@@ -9,6 +9,9 @@ reported. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import shlex
 import shutil
 import statistics
@@ -29,9 +32,22 @@ from confluent_kafka import KafkaException  # noqa: E402
 
 from bench import latency, perftools, report, venvs  # noqa: E402
 from bench.broker import Broker  # noqa: E402
-from bench.common import CONSUMER, PRODUCER  # noqa: E402
-from bench.orders import order_stream  # noqa: E402
-from bench.runner import Contender, RunResult, Workspace, make_spec, run_contender  # noqa: E402
+from bench.common import (  # noqa: E402
+    CONSUMER,
+    PRODUCER,
+    Spec,
+)
+from bench.orders import order_stream, payment_stream  # noqa: E402
+from bench.runner import (  # noqa: E402
+    Contender,
+    RunResult,
+    Workspace,
+    free_port,
+    make_spec,
+    run_contender,
+    start,
+    stop,
+)
 
 W0_PY = Contender("w0-py", "W0", "confluent-kafka producer, 300 B", module="bench.contenders.raw_produce")
 
@@ -39,6 +55,12 @@ CONTENDERS = [
     Contender("w1", "W1", "confluent-kafka batch consume, no processing", module="bench.contenders.raw_consume"),
     Contender("w2", "W2", "hand-written confluent-kafka loop (baseline)", module="bench.contenders.raw_pipeline"),
     Contender("kw", "W3", "kafkaworkers run (metrics + observer hook on)", kind="kw-cli"),
+    Contender("w2-small", "W3-small", "hand-written confluent-kafka loop, small message (baseline)",
+              module="bench.contenders.raw_pipeline", options={"data": "payments"}),
+    Contender("kw-small", "W3-small", "kafkaworkers run, small message (metrics + observer hook on)", kind="kw-cli",
+              options={"data": "payments"}),
+    Contender("kw-p1", "W7", "kafkaworkers run --processes 1", kind="kw-cli", options={"mode": "w7", "processes": 1}),
+    Contender("kw-p2", "W7", "kafkaworkers run --processes 2", kind="kw-cli", options={"mode": "w7", "processes": 2}),
     Contender("kw-off", "W3", "kafkaworkers Worker in-process, metrics off, no hook",
               module="bench.contenders.kafkaworkers_inproc"),
     Contender("kw-fail1", "W4", "kafkaworkers run, 1% fail once (retry topic)", kind="kw-cli", fail_pct=1.0),
@@ -52,7 +74,30 @@ CONTENDERS = [
     Contender("aiokafka", "peer", "hand-written aiokafka loop", module="bench.contenders.aiokafka_peer",
               venv="aiokafka"),
 ]  # fmt: skip
-WORKLOADS = ("w0", "w1", "w2", "w3", "w4", "peers", "w5")
+WORKLOADS = ("w0", "w1", "w2", "w3", "w3-small", "w4", "peers", "w5", "w6", "w7")
+
+
+def w6_contenders() -> list[Contender]:
+    """W6: every contender at concurrency 1, 8 and 64 where it has such a setting (N in the labels)."""
+    out = []
+    for n in W6_CONCURRENCY:
+        for io in ("sync", "async"):
+            how = "sync handler on threads (http.client)" if io == "sync" else "async def handler (aiohttp)"
+            out.append(Contender(f"kw-w6-{io}-c{n}", "W6", f"kafkaworkers run --concurrency N, {how}", kind="kw-cli",
+                                 options={"mode": "w6", "io": io, "concurrency": n}))  # fmt: skip
+        out.append(Contender(f"raw-w6-c{n}", "W6", "hand-written confluent-kafka loop + ThreadPoolExecutor(N)",
+                             module="bench.contenders.raw_w6", options={"concurrency": n}))  # fmt: skip
+        out.append(Contender(f"faststream-w6-c{n}", "W6", "FastStream [confluent] async subscriber, max_workers=N",
+                             module="bench.contenders.faststream_w6", venv="faststream-confluent",
+                             options={"concurrency": n}))  # fmt: skip
+    out.append(Contender("quixstreams-w6-c1", "W6", "Quix Streams (no concurrency setting)",
+                         module="bench.contenders.quixstreams_w6", venv="quixstreams", options={"concurrency": 1}))
+    return out
+
+
+#: W6's concurrency settings, and the rate each is sized for (msgs/s): a run lasts about --w6-seconds.
+W6_CONCURRENCY = (1, 8, 64)
+W6_KEYS = 10_000
 KW = "kw"
 
 
@@ -82,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: the six-service pipeline (if installed) and one pass-through plugin",
     )
     p.add_argument("--w5-base-rate", type=float, help="msgs/s that W5's 25%%/50%% refer to (default: this run's W2)")
+    p.add_argument("--w6-seconds", type=float, default=6.0,
+                   help="W6: about how long each run lasts (its message count is sized for its concurrency)")
+    p.add_argument("--w6-delay-ms", type=float, default=20.0, help="W6: the local HTTP server's answer delay")
     p.add_argument("--timeout", type=float, help="seconds one contender run may take (default 60 + N/1000)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results.md")
     p.add_argument(
@@ -102,19 +150,19 @@ def say(text: str) -> None:
 
 def selected(args: argparse.Namespace) -> tuple[set[str], list[Contender]]:
     if args.workloads is None:
-        args.workloads = "w1,w2,w3,w4,peers" if args.contenders else ",".join(WORKLOADS)
+        args.workloads = "w1,w2,w3,w3-small,w4,peers" if args.contenders else ",".join(WORKLOADS)
     workloads = {w.strip().lower() for w in args.workloads.split(",") if w.strip()}
     unknown = workloads - set(WORKLOADS)
     if unknown:
         sys.exit(f"bench: unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
     keys = [k.strip() for k in args.contenders.split(",") if k.strip()]
-    known = {c.key for c in CONTENDERS}
+    known = {c.key for c in CONTENDERS} | {c.key for c in w6_contenders()}
     if set(keys) - known:
         sys.exit(
             f"bench: unknown contender(s) {', '.join(sorted(set(keys) - known))}; known: {', '.join(sorted(known))}"
         )
-    chosen = [c for c in CONTENDERS if (c.key in keys if keys else c.workload.lower() in workloads or
-              (c.workload == "peer" and "peers" in workloads))]  # fmt: skip
+    chosen = [c for c in CONTENDERS + w6_contenders() if (c.key in keys if keys else c.workload.lower() in workloads
+              or (c.workload == "peer" and "peers" in workloads))]  # fmt: skip
     return workloads, chosen
 
 
@@ -187,32 +235,56 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 failures.append(f"W0 Java perf tools: {why}")
 
-        # --- the orders, once --------------------------------------------------------
+        # --- the orders (and W3-small's payments), once ------------------------------
         orders, out = f"{prefix}-orders", f"{prefix}-results"
-        fill_line = ""
-        if usable and any(c.workload != "W0" for c in usable):
-            broker.create(orders, out)
-            records = list(order_stream(n, prefix[-6:]))
+        topics = {"orders": orders, "payments": f"{prefix}-payments"}
+        fill_lines: list[str] = []
+        streams = {"orders": (order_stream, "orders"), "payments": (payment_stream, "payment events")}
+        needed = dict.fromkeys(c.options.get("data", "orders") for c in usable if c.workload not in ("W0", "W6"))
+        if any(c.workload == "W7" for c in usable):
+            needed.setdefault("orders")
+        if needed:
+            broker.create(out)
+        for data in needed:
+            make, what = streams[data]
+            broker.create(topics[data])
+            records = list(make(n, prefix[-6:]))
             mean_size = statistics.mean(len(v) for _, v, _ in records)
-            count, seconds = broker.fill(orders, records)
+            count, seconds = broker.fill(topics[data], records)
             del records
-            fill_line = (
-                f"Pre-fill: {count:,} orders (mean {mean_size:.0f} B of JSON) written in {seconds:.1f} s "
+            fill_lines.append(
+                f"Pre-fill: {count:,} {what} (mean {mean_size:.0f} B of JSON) written in {seconds:.1f} s "
                 f"= {count / seconds:,.0f} msgs/s by one confluent-kafka producer (acks=all, idempotent)."
             )
-            say(f"bench: {fill_line}")
+            say(f"bench: {fill_lines[-1]}")
 
         # --- W1-W4 and the peers, interleaved ----------------------------------------
-        rotation = [c for c in usable if c.workload != "W0"]
+        rotation = [c for c in usable if c.workload not in ("W0", "W6", "W7")]
         for rep in range(args.reps):
             for c in rotation:
-                r = run_contender(c, make_spec(c, ws, orders, out, n, f"r{rep}"), ws, rep, timeout)
+                topic = topics[c.options.get("data", "orders")]
+                r = run_contender(c, make_spec(c, ws, topic, out, n, f"r{rep}"), ws, rep, timeout)
                 results.append(r)
                 say(_progress(c, r))
                 time.sleep(1.0)  # let the previous process's sockets and the broker settle
 
         summary = report.summarize(results)
         baseline = summary.get("w2", {}).get("rate", float("nan"))
+
+        # --- W7: W3 in 2 processes against 1 -----------------------------------------
+        for rep in range(args.reps):
+            for c in [c for c in usable if c.workload == "W7"]:
+                r = run_w7(c, make_spec(c, ws, orders, out, n, f"r{rep}"), ws, rep, timeout)
+                results.append(r)
+                say(_progress(c, r))
+                time.sleep(1.0)
+
+        # --- W6: 20 ms of I/O per message, at concurrency 1, 8 and 64 ----------------
+        w6 = [c for c in usable if c.workload == "W6"]
+        if w6:
+            w6_results, w6_line = run_w6(args, ws, broker, w6)
+            results += w6_results
+            fill_lines.append(w6_line)
 
         # --- W5: latency at 25% and 50% of W2 ----------------------------------------
         if "w5" in workloads:
@@ -268,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Set-up",
         "",
         f"- {n:,} orders per run on a 6-partition topic, {args.reps} repetitions per contender, interleaved "
-        f"in this order: {', '.join(c.key for c in usable if c.workload != 'W0')}; medians reported.",
+        f"in this order: {', '.join(c.key for c in usable if c.workload != 'W0')}; medians reported "
+        "(W6 and W7 rotate among their own contenders after the others).",
         "- Every run: its own process, a fresh consumer group, results to one shared 6-partition topic.",
         f"- librdkafka consumer (every confluent-kafka contender): `{CONSUMER}`",
         f"- librdkafka producer: `{PRODUCER}`",
@@ -276,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "result acknowledged and offsets stored/committed). CPU: whole-process CPU time in that window "
         "(getrusage, all threads). Peak RSS: the process's VmHWM (/proc/<pid>/status), sampled by the parent "
         "every 50 ms until the process exits.",
-        *([f"- {fill_line}"] if fill_line else []),
+        *(f"- {line}" for line in fill_lines),
         "",
     ]
     if perf or any(r.contender == "w0-py" for r in results):
@@ -284,9 +357,51 @@ def main(argv: list[str] | None = None) -> int:
         w0 = report.summarize([r for r in results if r.contender == "w0-py"])
         if w0:
             lines += [*report.throughput_table([W0_PY], w0, float("nan")), ""]
-    rotation = [c for c in usable if c.workload != "W0"]
+    rotation = [c for c in usable if c.workload not in ("W0", "W3-small", "W6", "W7")]
     if rotation:
         lines += ["## Throughput: W1-W4 and peers", "", *report.throughput_table(rotation, summary, baseline), ""]
+    small = [c for c in usable if c.workload == "W3-small"]
+    if small:
+        small_base = summary.get("w2-small", {}).get("rate", float("nan"))
+        lines += [
+            "## W3-small: the framework's own cost per message",
+            "",
+            "A flat ~230-byte `Pagamento` decoded with msgspec, one ~70-byte `PagamentoResumo` produced per input "
+            "(key and correlation header carried along), offsets stored after delivery; the same client settings "
+            "for both; concurrency 1. `vs W2` here: against the hand-written loop on the same small messages.",
+            "",
+            *report.throughput_table(small, summary, small_base),
+            "",
+            *report.small_lines(summary, "kw-small", "w2-small"),
+            "",
+        ]
+    w6 = [c for c in usable if c.workload == "W6"]
+    if w6:
+        lines += [
+            "## W6: 20 ms of I/O per message, at concurrency 1, 8 and 64",
+            "",
+            "W3-small's work plus one call per message to a local HTTP server that answers after "
+            f"{args.w6_delay_ms:.0f} ms (bench/httpserver.py), 6 partitions, 10,000 keys. msgs/s: the target count "
+            "over the span from the first message received to the target-th handler returning (medians). FastStream "
+            "accepts `max_workers` > 1 only with `AckPolicy.ACK_FIRST` (offset committed on receipt, before the "
+            "handler ran): it runs so at every setting. The hand-written loop waits for its batch's slowest call "
+            "and keeps no per-key order; Quix Streams has no concurrency setting.",
+            "",
+            *report.w6_lines(w6, summary),
+            "",
+        ]
+    if any(c.workload == "W7" for c in usable):
+        lines += [
+            "## W7: W3 in 2 processes against 1",
+            "",
+            f"`kafkaworkers run --processes N` on W3's {n:,} orders; each process reports its count every 500 orders "
+            "and the run stops at 90% of them; msgs/s = orders reported / span from the first order any process "
+            "handled to the latest report (the second process's group join and the rebalance included). "
+            f"{os.cpu_count()} cores, shared with the broker.",
+            "",
+            *report.w7_lines(summary),
+            "",
+        ]
     if lat:
         lines += [
             "## W5: end-to-end latency",
@@ -305,6 +420,73 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(text)
     say(f"bench: written to {args.output}")
     return 0
+
+
+def run_w7(c: Contender, spec: Spec, ws: Workspace, rep: int, timeout: float) -> RunResult:
+    """One W7 run: ``kafkaworkers run --processes N`` until its processes together reported 90% of
+    the orders; msgs/s = what they reported over the span from the first order any of them
+    handled to the latest report (each process writes its figures every 500 orders)."""
+    proc, log_path = start(c, spec, ws)
+    deadline = time.monotonic() + timeout
+    figures: list[dict] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        figures = []
+        for path in Path(spec.result_file).parent.glob(Path(spec.result_file).name + ".*"):
+            if not path.name.endswith(".tmp"):
+                with contextlib.suppress(OSError, ValueError):
+                    figures.append(json.loads(path.read_text()))
+        if sum(f["count"] for f in figures) >= 0.9 * spec.target:
+            break
+        time.sleep(0.05)
+    status, _usage, peak = stop(proc)
+    total = sum(f["count"] for f in figures)
+    if total < 0.9 * spec.target:
+        error = f"{total:,} of {spec.target:,} orders (exit {status}); log: {log_path}"
+        return RunResult(c.key, rep, False, error=error)
+    span = max(f["last"] for f in figures) - min(f["first"] for f in figures)
+    return RunResult(c.key, rep, True, messages=total, elapsed_s=span, cpu_s=float("nan"), peak_rss_kb=peak,
+                     extra={"processes": len(figures), "log": str(log_path)})  # fmt: skip
+
+
+def w6_target(concurrency: int, seconds: float) -> int:
+    """Messages for one W6 run: about ``seconds`` at the rate ``concurrency`` calls of 20 ms allow
+    (capped: on 2 cores the client's CPU caps it well below 64 x 50 msgs/s)."""
+    return max(100, int(seconds * min(40 * concurrency, 2500)))
+
+
+def run_w6(
+    args: argparse.Namespace, ws: Workspace, broker: Broker, contenders: list[Contender]
+) -> tuple[list[RunResult], str]:
+    """Start the HTTP server, fill W6's topic (keyed by 10,000 customers), run the contenders interleaved."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.httpserver", str(port), str(args.w6_delay_ms)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    results: list[RunResult] = []
+    try:
+        if server.stdout is None or server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the W6 HTTP server did not start")
+        topic = f"{ws.prefix}-w6"
+        out = f"{ws.prefix}-w6-results"
+        broker.create(topic, out)
+        n = max(w6_target(c.options["concurrency"], args.w6_seconds) for c in contenders)
+        count, _ = broker.fill(topic, payment_stream(n, ws.prefix[-6:], keys=W6_KEYS))
+        line = (f"W6: {count:,} payment events keyed by {W6_KEYS:,} customers on a 6-partition topic; the local "
+                f"HTTP server answers after {args.w6_delay_ms:.0f} ms; each run handles "
+                + ", ".join(f"{w6_target(c, args.w6_seconds):,} at concurrency {c}" for c in W6_CONCURRENCY)
+                + " and reads from the topic's start in a fresh group.")  # fmt: skip
+        url = f"http://127.0.0.1:{port}/check"
+        for rep in range(args.reps):
+            for c in contenders:
+                spec = make_spec(c, ws, topic, out, w6_target(c.options["concurrency"], args.w6_seconds), f"r{rep}")
+                spec.options["url"] = url
+                r = run_contender(c, spec, ws, rep, 60 + spec.target / 20)
+                results.append(r)
+                say(_progress(c, r))
+                time.sleep(1.0)
+        return results, line
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def _w5_modes(requested: str) -> tuple[list[str], str]:

@@ -137,6 +137,10 @@ def command(c: Contender, spec: Spec, spec_path: Path, ws: Workspace) -> tuple[l
             "--config", str(ws.kw_config(spec)), "-b", spec.bootstrap,
             "--metrics-port", str(free_port()), "--log-level", "WARNING",
         ]  # fmt: skip
+        if "concurrency" in spec.options:
+            argv += ["--concurrency", str(spec.options["concurrency"])]
+        if "processes" in spec.options:
+            argv += ["--processes", str(spec.options["processes"])]
         return argv, env
     python = PROJECT_PYTHON
     if c.venv:

@@ -19,7 +19,8 @@ VENVS = ROOT / ".cache" / "bench" / "venvs"
 
 #: venv name -> pip requirements (msgspec is added to every one).
 PEER_REQUIREMENTS: dict[str, list[str]] = {
-    "faststream-confluent": ["faststream[confluent]"],
+    # aiohttp: W6's handler awaits a local HTTP server.
+    "faststream-confluent": ["faststream[confluent]", "aiohttp"],
     "faststream-aiokafka": ["faststream[kafka]"],
     "quixstreams": ["quixstreams"],
     "faust": ["faust-streaming"],

@@ -5,7 +5,9 @@ Per batch: consume, decode each order into ``PedidoNovo`` with msgspec, produce 
 ``PedidoProcessado`` per order (keyed like the order, its correlation header carried along),
 flush until every result is acknowledged, then store each partition's next offset
 (``enable.auto.offset.store=false``; librdkafka commits stored offsets every second). A failed
-delivery stores nothing and rewinds the batch, as kafkaworkers does.
+delivery stores nothing and rewinds the batch, as kafkaworkers does. With
+``spec.options["data"] == "payments"`` (W3-small) the same loop decodes the small flat
+``Pagamento`` and produces a ``PagamentoResumo``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import msgspec
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.common import Meter, Spec
-from bench.orders import CORRELATION_HEADER, PedidoNovo, process
+from bench.orders import CORRELATION_HEADER, Pagamento, PedidoNovo, process, summarize
 
 
 def main() -> None:
@@ -22,7 +24,9 @@ def main() -> None:
     meter = Meter(spec)
     consumer = Consumer(spec.consumer_config())
     producer = Producer(spec.producer_config())
-    decode = msgspec.json.Decoder(PedidoNovo).decode
+    payments = spec.options.get("data") == "payments"
+    decode = msgspec.json.Decoder(Pagamento if payments else PedidoNovo).decode
+    work = summarize if payments else process
     encode = msgspec.json.Encoder().encode
     out = spec.out_topic
     failed = [0]
@@ -48,7 +52,7 @@ def main() -> None:
                 tp = (msg.topic(), msg.partition())
                 if tp not in first:
                     first[tp] = msg.offset()
-                result = encode(process(decode(msg.value())))
+                result = encode(work(decode(msg.value())))
                 headers = [(k, v) for k, v in (msg.headers() or ()) if k == CORRELATION_HEADER] or None
                 while True:
                     try:
