@@ -234,7 +234,7 @@ class Supervisor:
         """
         try:
             failure = self._supervise()
-            status = self._stop_all()
+            status = self._stop_all(quiet=failure is not None)
         finally:
             for child in self.children:
                 if child.proc is not None and child.proc.poll() is None:
@@ -419,8 +419,10 @@ class Supervisor:
             child.stderr.close()
             child.stderr = None
 
-    def _stop_all(self) -> int:
-        """SIGTERM every running child, wait for them up to the stop timeout, SIGKILL the rest."""
+    def _stop_all(self, quiet: bool) -> int:
+        """SIGTERM every running child, wait for them up to the stop timeout, SIGKILL the rest.
+
+        ``quiet`` (giving up): the reason is said once, so the others' failures are not logged."""
         running = [c for c in self.children if c.proc is not None]
         for child in running:
             assert child.proc is not None
@@ -441,7 +443,7 @@ class Supervisor:
                     self._close_pipes(child)
                     child.proc = None
                     # Killed by SIGTERM: it had not started its worker yet, so it had nothing to finish.
-                    if proc.returncode not in (0, -signal.SIGTERM):
+                    if proc.returncode not in (0, -signal.SIGTERM) and not quiet:
                         status = 1
                         error = f": {child.last_error}" if child.last_error else ""
                         log.warning("process %d exited with status %d%s", child.index, proc.returncode, error)
