@@ -639,7 +639,7 @@ class Worker:
         if in_flight and not handled:
             self.completed.wait(min(timeout, _IN_FLIGHT_WAIT))
         self.completed.clear()
-        if not handled and any(runner.broker_down for runner in self.runners):
+        if not handled:
             self._check_broker()
         return handled
 
@@ -657,6 +657,8 @@ class Worker:
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 return waiting
             self.last_beat = time.monotonic()
+            # Still waiting after a second: the broker may be gone; readiness should say so.
+            self._check_broker()
 
     def close(self) -> None:
         """Flush, commit, leave the groups and stop the plugins that started (idempotent), within
@@ -711,18 +713,21 @@ class Worker:
         self._broker_checked = time.monotonic()
 
     def _check_broker(self) -> None:
-        """While a consumer reports every broker down, ask the cluster for its topics now and then:
-        an answer means it is reachable again (a quiet topic gives no other sign of it)."""
+        """While the loop is idle, ask the cluster for its topics now and then: a quiet topic
+        gives no other sign of whether the broker is there. librdkafka's own report of every
+        broker down (``error_cb``) marks it at once; this notices what that misses, and the
+        return."""
         now = time.monotonic()
-        if now - self._broker_checked < _BROKER_CHECK_INTERVAL:
+        if now - self._broker_checked < _BROKER_CHECK_INTERVAL or self._admin is None:
             return
         self._broker_checked = now
         try:
             self._admin.list_topics(timeout=1.0)
+            reachable = True
         except BrokerUnavailable:
-            return
+            reachable = False
         for runner in self.runners:
-            runner.broker_down = False
+            runner.broker_down = not reachable
 
     def _ensure_internal_topics(self) -> None:
         """Create missing retry and dead-letter topics, sized like the plugin's largest source

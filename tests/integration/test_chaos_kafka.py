@@ -342,15 +342,17 @@ def test_chaos_broker_outage_20s_workers_recover_without_restart_and_lose_nothin
     wait_for(lambda: readyz(port)[0] == 200, 30, "/readyz ready before the outage", 0.2)
 
     own_broker("stop")
-    outage = time.monotonic()
-    _, body = wait_for(lambda: (r := readyz(port))[0] == 503 and r, 15, "/readyz failing in the outage", 0.2)
-    assert "unreachable" in body, body
-    # The outage's length is the scenario: 20 s without a broker, whatever the worker does.
-    time.sleep(max(0.0, 20 - (time.monotonic() - outage)))
-    assert worker.poll() is None, f"the worker exited during the outage:\n{kwtest.log()}"
-    librdkafka_errors = kwtest.log().count("ERROR   kafkaworkers.librdkafka")
-    assert librdkafka_errors <= 30, f"{librdkafka_errors} librdkafka error lines in a 20 s outage: not summarised"
-    own_broker("start")
+    try:
+        outage = time.monotonic()
+        _, body = wait_for(lambda: (r := readyz(port))[0] == 503 and r, 15, "/readyz failing in the outage", 0.2)
+        assert "unreachable" in body, body
+        # The outage's length is the scenario: 20 s without a broker, whatever the worker does.
+        time.sleep(max(0.0, 20 - (time.monotonic() - outage)))
+        assert worker.poll() is None, f"the worker exited during the outage:\n{kwtest.log()}"
+        librdkafka_errors = kwtest.log().count("ERROR   kafkaworkers.librdkafka")
+        assert librdkafka_errors <= 30, f"{librdkafka_errors} librdkafka error lines in a 20 s outage: not summarised"
+    finally:
+        own_broker("start")  # the module's other scenarios share this broker
     wait_for(lambda: readyz(port)[0] == 200, 60, "/readyz ready again after the outage", 0.2)
     started = time.monotonic()
     before = committed_now(kafka, kwtest.group, kwtest.ping)
@@ -379,14 +381,16 @@ def test_chaos_sigterm_with_the_broker_down_exits_within_the_grace_and_loses_not
     wait_for(lambda: kafka.committed(kwtest.group, kwtest.ping) >= 200 * scale, 60, "committed progress", 0.2)
 
     own_broker("stop")
-    worker.send_signal(signal.SIGTERM)
-    stopping = time.monotonic()
-    # The grace bounds the shutdown; the rest is the process's own start and exit.
-    exit_code = worker.wait(grace + 10)
-    stopped_s = time.monotonic() - stopping
-    assert exit_code == 0, kwtest.log()
-    assert "stop requested" in kwtest.log()
-    own_broker("start")
+    try:
+        worker.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        # The grace bounds the shutdown; the rest is the process's own start and exit.
+        exit_code = worker.wait(grace + 10)
+        stopped_s = time.monotonic() - stopping
+        assert exit_code == 0, kwtest.log()
+        assert "stop requested" in kwtest.log()
+    finally:
+        own_broker("start")  # the module's other scenarios share this broker
     total = producer.finish()
     kwtest.start(**env)
     wait_committed(kafka, kwtest, total, 120)
