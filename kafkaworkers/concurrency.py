@@ -33,8 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -177,7 +176,7 @@ class Dispatcher:
         self.fatal: KafkaError | None = None
         self._advanced: set[TP] = set()
         self._backoff: dict[TP, float] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Pool | None = None
         self.loop = EventLoopThread(self.plugin.name)
 
     # --- the loop's step ---------------------------------------------------------------
@@ -301,8 +300,8 @@ class Dispatcher:
             self.loop.submit(self._run_async(job, ctx))
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"kw-{self.plugin.name}")
-        self._pool.submit(self._run, job, ctx)
+            self._pool = _Pool(self.concurrency, f"kw-{self.plugin.name}", self._run)
+        self._pool.submit(job, ctx)
 
     def _run(self, job: Job, ctx: Context[Any]) -> None:
         """On a pool thread: the handler, timed; the job goes back to the loop's thread."""
@@ -563,8 +562,35 @@ class Dispatcher:
     def close(self) -> None:
         """Stop the pool and the event loop; handlers still running are left to finish unseen."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.close()
         self.loop.close()
+
+
+class _Pool:
+    """``size`` daemon threads running sync handlers.
+
+    Not a ``ThreadPoolExecutor``: Python joins its threads at exit, so a handler stuck past
+    the shutdown grace would keep the process from exiting; these are abandoned instead.
+    """
+
+    def __init__(self, size: int, name: str, run: Callable[[Job, Context[Any]], None]) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Job, Context[Any]] | None] = queue.SimpleQueue()
+        self._run = run
+        self._size = size
+        for index in range(size):
+            threading.Thread(target=self._serve, name=f"{name}-{index}", daemon=True).start()
+
+    def submit(self, job: Job, ctx: Context[Any]) -> None:
+        self._jobs.put((job, ctx))
+
+    def close(self) -> None:
+        """Let the threads end once they are idle."""
+        for _ in range(self._size):
+            self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            self._run(*item)
 
 
 class EventLoopThread:
