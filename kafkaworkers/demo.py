@@ -26,6 +26,7 @@ from kafkaworkers.consumer import create_consumer, watermarks
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer, produce
+from kafkaworkers.progress import progress
 from kafkaworkers.transports import Headers, Producer, TopicPartition, Transport, transport_for
 from kafkaworkers.worker import Worker
 
@@ -149,8 +150,9 @@ def _start_at_end(
 
 
 def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
-    for topic, key, value, headers in inputs:
-        produce(producer, topic, value, key, headers)
+    with progress(inputs, "publishing the demo's orders", length=len(inputs)) as shown:
+        for topic, key, value, headers in shown:
+            produce(producer, topic, value, key, headers)
     if producer.flush(30):
         raise KafkaWorkersError("the demo's orders could not be delivered to the broker within 30 s")
 

@@ -89,6 +89,7 @@ from kafkaworkers.headers import (
 )
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer, produce
+from kafkaworkers.progress import progress
 from kafkaworkers.retry import dlq_topic, retry_topic, retry_topics
 from kafkaworkers.transports import Message, Transport, transport_for
 
@@ -415,21 +416,22 @@ def replay(
     acked: list[tuple[DeadLetter, str]] = []
     failed: list[str] = []
     now_ms = int(time.time() * 1000)
-    for letter, target in report.planned:
-        partition = -1  # into a retry topic by key, as the worker's own retries go
-        if to == "original":
-            partition = letter.original_partition if letter.original_partition is not None else -1
-            if partition >= topics[target]:
-                partition = -1
+    with progress(report.planned, f"replaying {source}", length=len(report.planned)) as planned:
+        for letter, target in planned:
+            partition = -1  # into a retry topic by key, as the worker's own retries go
+            if to == "original":
+                partition = letter.original_partition if letter.original_partition is not None else -1
+                if partition >= topics[target]:
+                    partition = -1
 
-        def delivered(err: Any, msg: Any, letter: DeadLetter = letter) -> None:
-            if err is None:
-                acked.append((letter, f"{msg.topic()}:{msg.partition()}:{msg.offset()}"))
-            else:
-                failed.append(err.str())
+            def delivered(err: Any, msg: Any, letter: DeadLetter = letter) -> None:
+                if err is None:
+                    acked.append((letter, f"{msg.topic()}:{msg.partition()}:{msg.offset()}"))
+                else:
+                    failed.append(err.str())
 
-        headers = replay_headers(letter, now_ms, into_retry=to == "group")
-        produce(producer, target, letter.value, letter.key, headers, delivered, partition)
+            headers = replay_headers(letter, now_ms, into_retry=to == "group")
+            produce(producer, target, letter.value, letter.key, headers, delivered, partition)
     _flush(producer)
     report.replayed = len(acked)
     report.failed = len(report.planned) - len(acked)

@@ -132,3 +132,13 @@ def test_produce_draws_a_bar_with_count_and_rate_on_a_terminal_only():
     assert piped.returncode == 0
     assert piped.stderr == ""
     assert piped.stdout == "5 valid for pedido-novo, 0 rejected (dry run: nothing sent)\n"
+
+
+def test_demo_draws_a_bar_while_it_publishes_on_a_terminal_only():
+    drawn = on_a_terminal("demo", "--orders", "50")
+    assert "publishing the demo's orders" in drawn and "/s" in drawn
+    assert "result: OK" in drawn
+
+    piped = subprocess.run([KW, "demo", "--orders", "50"], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "publishing the demo's orders" not in piped.stderr + piped.stdout
