@@ -31,6 +31,7 @@ from kafkaworkers.clock import Clock
 from kafkaworkers.errors import MessageTooLarge, ProducerFatal
 from kafkaworkers.producer import produce
 from kafkaworkers.retry import DLQ, OUTPUT, FailureRouter
+from kafkaworkers.transactions import Transactions
 from kafkaworkers.transports import Consumer, Headers, Message, Producer
 
 __all__ = ["BREAKER_OPEN", "REFUSED", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions", "fatal"]
@@ -145,6 +146,10 @@ class Partitions:
         for tp, offset in first.items():
             self.pause(tp, offset, until, f"{REWIND}: {reason}", quiet=True)
 
+    def settled(self) -> None:
+        """A batch went through: the next rewind starts from the shortest pause again."""
+        self._rewind_backoff = 0.0
+
     def store(self, last: dict[TP, int]) -> None:
         """Store each partition's next offset; librdkafka commits stored offsets in the background."""
         self._rewind_backoff = 0.0
@@ -194,6 +199,10 @@ class Batch:
     :param partitions: where offsets are stored, or partitions rewound.
     :param produced: per-topic counts of produced messages, for the metrics.
     :param held: hold what is produced until :meth:`release` (inside a batch scope).
+    :param txn: in exactly-once mode, the worker's transactions: the batch's outputs and
+        offsets commit together, or not at all.
+    :param poisoned: in exactly-once mode, where messages whose outputs the broker refused are
+        noted, so that handling the batch again dead-letters them instead.
     """
 
     __slots__ = (
@@ -205,12 +214,14 @@ class Batch:
         "max_bytes",
         "partitions",
         "plugin",
+        "poisoned",
         "produced",
         "producer",
         "refusals",
         "router",
         "scope_error",
         "source",
+        "txn",
     )
 
     def __init__(
@@ -221,6 +232,8 @@ class Batch:
         partitions: Partitions,
         produced: defaultdict[str, int],
         held: bool = False,
+        txn: Transactions | None = None,
+        poisoned: dict[tuple[str, int, int], Exception] | None = None,
     ) -> None:
         self.plugin = plugin
         self.producer = producer
@@ -239,6 +252,8 @@ class Batch:
         self.refusals: list[tuple[Message, str, str, KafkaError]] = []
         self.fatal: KafkaError | None = None
         self.scope_error: str | None = None
+        self.txn = txn
+        self.poisoned = poisoned
 
     # --- producing -------------------------------------------------------------------
 
@@ -332,6 +347,9 @@ class Batch:
         :raises ProducerFatal: the producer cannot produce again; nothing is stored.
         """
         if flush():
+            if self.txn is not None:
+                self._abort_transaction()
+                return
             self.partitions.rewind(self.first, "stopping before what the batch produced was acknowledged")
             return
         if self.fatal is not None:
@@ -340,13 +358,61 @@ class Batch:
                 " the batch's offsets, so a restarted worker handles it again"
             )
         if self.scope_error is not None:
+            if self.txn is not None:
+                self._abort_transaction()
+                return
             self.partitions.rewind(self.first, f"its around_batch scope failed ({self.scope_error})")
+            return
+        if self.txn is not None:
+            self._finish_transaction()
             return
         if self.refusals:
             self._judge_refusals(flush)
             return
         if self.last:
             self.partitions.store(self.last)
+
+    def _finish_transaction(self) -> None:
+        """Exactly-once: add the batch's offsets to the transaction and commit it when due; or,
+        if anything of the batch was refused, abort it (every runner handles again what it
+        held), the messages whose outputs the broker refused for themselves going straight
+        to the dead-letter topic the next time."""
+        txn = self.txn
+        assert txn is not None
+        by_consumer: dict[int, tuple[Consumer, dict[TP, int], dict[TP, int]]] = {}
+        for tp, offset in self.first.items():
+            consumer = self.partitions.consumer_of(tp[0])
+            _, first, last = by_consumer.setdefault(id(consumer), (consumer, {}, {}))
+            first[tp] = offset
+            if tp in self.last:
+                last[tp] = self.last[tp]
+        if self.refusals:
+            for source, kind, topic, err in self.refusals:
+                if err.code() in REFUSED and self.poisoned is not None:
+                    spot = (source.topic() or "", source.partition() or 0, source.offset() or 0)
+                    self.poisoned[spot] = MessageTooLarge(
+                        f"the broker refused a message to {topic!r} ({kind}): {err.str()}"
+                    )
+            for consumer, first, _ in by_consumer.values():
+                txn.consumed(consumer, first, {})  # where the abort rewinds this batch to
+            txn.abort()
+            return
+        for consumer, first, last in by_consumer.values():
+            txn.consumed(consumer, first, last)
+        if txn.due:
+            txn.commit()
+        self.partitions.settled()
+
+    def _abort_transaction(self) -> None:
+        """Abort the transaction with this batch's partitions in it, so all of it is handled again."""
+        assert self.txn is not None
+        by_consumer: dict[int, tuple[Consumer, dict[TP, int]]] = {}
+        for tp, offset in self.first.items():
+            consumer = self.partitions.consumer_of(tp[0])
+            by_consumer.setdefault(id(consumer), (consumer, {}))[1][tp] = offset
+        for consumer, first in by_consumer.values():
+            self.txn.consumed(consumer, first, {})
+        self.txn.abort()
 
     def _judge_refusals(self, flush: Callable[[], int]) -> None:
         """Dead-letter each message whose output or copy the broker refused for itself; any other

@@ -54,6 +54,12 @@ def cli() -> None:
 @click.option("--metrics-port", type=int, help="Port of /metrics and the probes; 0 turns it off [default 9400].")
 @click.option("--broker-wait", type=float, default=30.0, show_default=True, help="Seconds to wait for the broker.")
 @click.option(
+    "--processing-guarantee",
+    type=click.Choice(["at_least_once", "exactly_once"], case_sensitive=False),
+    help="exactly_once: outputs and consumed offsets commit in one Kafka transaction"
+    " [env KAFKAWORKERS_PROCESSING_GUARANTEE; default at_least_once].",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(1, 10_000),
     help="Messages of each plugin in flight at once, in order per key [env KAFKAWORKERS_CONCURRENCY;"
@@ -379,6 +385,11 @@ def topology(ctx: click.Context, fmt: str) -> None:
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     help="Least severe level logged [default WARNING].",
 )
+@click.option(
+    "--processing-guarantee",
+    type=click.Choice(["at_least_once", "exactly_once"], case_sensitive=False),
+    help="exactly_once needs a real broker (-b): every service commits in Kafka transactions.",
+)
 @click.pass_context
 def demo(
     ctx: click.Context,
@@ -388,6 +399,7 @@ def demo(
     fmt: str,
     bootstrap_servers: str | None,
     log_level: str | None,
+    processing_guarantee: str | None,
 ) -> None:
     """Run the installed demo scenario end to end; exit non-zero if any outcome differs from the expected one."""
     from kafkaworkers.demo import run_demo
@@ -397,6 +409,7 @@ def demo(
         bootstrap_servers=bootstrap_servers or f"{MEMORY_URL}demo",
         log_level=log_level or "WARNING",
         metrics_port=0,
+        processing_guarantee=processing_guarantee,
     )
     report = run_demo(plugin_host(ctx), settings, count, seed, timeout)
     click.echo(json.dumps(report.data, indent=2, default=str) if fmt == "json" else report.text)

@@ -58,6 +58,8 @@ TP = tuple[str, int]
 #: Why a partition is paused by back-pressure.
 BUFFER_FULL = "buffer full"
 _REWIND_BACKOFF = (0.5, 30.0)
+#: Exactly-once at concurrency > 1: the shortest time a transaction gathers finished runs.
+_MIN_TXN_INTERVAL = 0.1
 
 
 class Job:
@@ -66,6 +68,7 @@ class Job:
     __slots__ = (
         "abandoned",
         "attempt",
+        "deferred",
         "error",
         "finished",
         "lane",
@@ -95,6 +98,8 @@ class Job:
         self.finished = False
         self.abandoned = False
         self.seconds = 0.0
+        #: exactly-once: what it produced, sent in a transaction once its offset commits with it
+        self.deferred: list[tuple[str, bytes | None, bytes | None, Headers, str]] = []
 
     def output(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers) -> None:
         """A handler's ``ctx.produce``: held with the message, sent once the handler returned."""
@@ -109,11 +114,13 @@ class Job:
 class _Track:
     """One partition's accepted offsets in order, which are finished, which are in flight."""
 
-    __slots__ = ("done", "full", "high", "inflight", "offsets", "open")
+    __slots__ = ("done", "full", "high", "inflight", "jobs", "offsets", "open")
 
     def __init__(self) -> None:
         self.offsets: deque[int] = deque()
         self.done: set[int] = set()
+        #: exactly-once: finished jobs whose outputs wait for their offsets to commit
+        self.jobs: dict[int, Job] = {}
         self.inflight: set[int] = set()
         self.high = -1
         self.open = 0
@@ -121,12 +128,18 @@ class _Track:
 
     def advance(self) -> int | None:
         """Drop the finished run at the front; the last offset of it, if there was one."""
-        last = None
+        run = self.run()
+        return run[-1] if run else None
+
+    def run(self) -> list[int]:
+        """Drop the finished run at the front and return its offsets."""
+        run = []
         offsets, done = self.offsets, self.done
         while offsets and offsets[0] in done:
-            last = offsets.popleft()
-            done.discard(last)
-        return last
+            offset = offsets.popleft()
+            done.discard(offset)
+            run.append(offset)
+        return run
 
     def first_unfinished(self) -> int:
         self.advance()
@@ -178,6 +191,9 @@ class Dispatcher:
         self._backoff: dict[TP, float] = {}
         self._pool: _Pool | None = None
         self.loop = EventLoopThread(self.plugin.name)
+        #: exactly-once: the worker's transactions; messages in flight commit in them as their runs close
+        self.txn = runner.txn
+        self._commit_every = max(self.txn.interval, _MIN_TXN_INTERVAL) if self.txn is not None else 0.0
 
     # --- the loop's step ---------------------------------------------------------------
 
@@ -414,7 +430,11 @@ class Dispatcher:
     def _produce(
         self, job: Job, topic: str, value: bytes | None, key: bytes | None, headers: Headers, kind: str
     ) -> None:
-        """Send one message ``job`` produced, counted until the broker acknowledges it."""
+        """Send one message ``job`` produced, counted until the broker acknowledges it (exactly-once:
+        held until the job's offset commits, in the same transaction)."""
+        if self.txn is not None:
+            job.deferred.append((topic, value, key, headers, kind))
+            return
         job.pending += 1
         try:
             produce(self.runner.producer, topic, value, key, headers, on_delivery=_Ack(self, job, kind))
@@ -451,6 +471,8 @@ class Dispatcher:
             return
         track.inflight.discard(job.offset)
         track.done.add(job.offset)
+        if job.deferred:
+            track.jobs[job.offset] = job
         track.open -= 1
         self._advanced.add(job.tp)
         if track.full and track.open <= self.buffer // 2:
@@ -459,6 +481,9 @@ class Dispatcher:
 
     def _store(self) -> None:
         """Store each partition's offset up to its unbroken run of finished messages."""
+        if self.txn is not None:
+            self._stage()
+            return
         if not self._advanced:
             return
         last: dict[TP, int] = {}
@@ -472,6 +497,56 @@ class Dispatcher:
         if last:
             self.runner.partitions.store(last)
 
+    def _stage(self) -> None:
+        """Exactly-once: put each partition's closed run (its outputs and its offsets) in the
+        transaction, and commit the transaction when it has gathered long enough."""
+        txn = self.txn
+        assert txn is not None
+        runs: dict[TP, list[int]] = {}
+        for tp in self._advanced:
+            track = self.tracks.get(tp)
+            run = track.run() if track is not None else []
+            if run:
+                runs[tp] = run
+                self._backoff.pop(tp, None)
+        self._advanced.clear()
+        if runs:
+            txn.begin()
+            refused = False
+            by_consumer: dict[int, tuple[Any, dict[TP, int], dict[TP, int]]] = {}
+            for tp, run in runs.items():
+                jobs = self.tracks[tp].jobs
+                for offset in run:
+                    job = jobs.pop(offset, None)
+                    for topic, value, key, headers, _ in job.deferred if job is not None else ():
+                        refused |= not self._send_in_transaction(topic, value, key, headers)
+                consumer = self.runner.partitions.consumer_of(tp[0])
+                _, first, last = by_consumer.setdefault(id(consumer), (consumer, {}, {}))
+                first[tp], last[tp] = run[0], run[-1]
+            for consumer, first, last in by_consumer.values():
+                txn.consumed(consumer, first, last if not refused else {})
+            if refused:
+                txn.abort()
+                return
+        if txn.open and txn.clock() - txn.started >= self._commit_every:
+            txn.commit()
+
+    def _send_in_transaction(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers) -> bool:
+        try:
+            produce(self.runner.producer, topic, value, key, headers)
+        except Exception as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            log.warning("%s: a message to %s was refused in a transaction (%s); aborting it",
+                        self.plugin.name, topic, err.str() if err is not None else exc)  # fmt: skip
+            return False
+        self.runner._produced[topic] += 1
+        return True
+
+    def rewound(self, first: dict[TP, int]) -> None:
+        """A transaction was aborted: handle again, from ``first``, what it held of these partitions."""
+        for tp, start in first.items():
+            self.rewind(tp, None, "its transaction was aborted", start=start)
+
     def _check_fatal(self) -> None:
         if self.fatal is not None:
             raise ProducerFatal(
@@ -481,9 +556,12 @@ class Dispatcher:
 
     # --- rewinds, rebalances, shutdown ---------------------------------------------------
 
-    def rewind(self, tp: TP, until: float | None, reason: str, job: Job | None = None, quiet: bool = False) -> None:
-        """Pause ``tp`` at its first unfinished message until ``until`` (a growing backoff when
-        ``None``): what was not started is dropped and fetched again after."""
+    def rewind(
+        self, tp: TP, until: float | None, reason: str, job: Job | None = None, quiet: bool = False,
+        start: int | None = None,
+    ) -> None:  # fmt: skip
+        """Pause ``tp`` at its first unfinished message (or ``start``) until ``until`` (a growing
+        backoff when ``None``): what was not started is dropped and fetched again after."""
         track = self.tracks.get(tp)
         if track is None:
             return
@@ -492,7 +570,8 @@ class Dispatcher:
             job.abandoned = True
             track.inflight.discard(job.offset)
             track.open -= 1
-        start = track.first_unfinished()
+        if start is None:
+            start = track.first_unfinished()
         self._drop_queued(tp, track)
         track.offsets.clear()
         track.high = start - 1

@@ -94,6 +94,11 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shutdown_grace: Annotated[float, msgspec.Meta(gt=0, le=600)] = 20.0
     # Messages of one plugin in flight at once; unset, each plugin's own default (most: 1).
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=10_000)] | None = None
+    # exactly_once: what a batch produces and its consumed offsets commit in one Kafka transaction.
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # In exactly_once: how long a transaction may gather batches before it commits; 0 commits
+    # every batch (the lowest latency; under load a batch holds many messages anyway).
+    transaction_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 0
     kafka: dict[str, Any] = {}
     consumer: dict[str, Any] = {}
     producer: dict[str, Any] = {}
@@ -115,6 +120,15 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """A plugin's own ``[plugins.<name>]`` table, without the framework's per-plugin settings."""
         return {k: v for k, v in self.plugins.get(name, {}).items() if k not in PER_PLUGIN}
 
+    def guarantee_for(self, name: str) -> str:
+        """A plugin's processing guarantee: ``[plugins.<name>] processing_guarantee``, else the global one."""
+        value = self.plugins.get(name, {}).get("processing_guarantee", self.processing_guarantee)
+        if value not in ("at_least_once", "exactly_once"):
+            raise ConfigError(
+                f"bad setting [plugins.{name}] processing_guarantee={value!r}: must be at_least_once or exactly_once"
+            )
+        return str(value)
+
     def concurrency_for(self, name: str, declared: int = 1) -> int:
         """A plugin's concurrency: ``[plugins.<name>] concurrency``, else ``concurrency``, else
         what the plugin declares."""
@@ -130,7 +144,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 #: Framework settings a ``[plugins.<name>]`` table may set for that plugin alone; the plugin
 #: does not see them in its own configuration.
-PER_PLUGIN = frozenset({"concurrency"})
+PER_PLUGIN = frozenset({"concurrency", "processing_guarantee"})
 _MAX_CONCURRENCY = 10_000
 
 _SECTIONS = ("kafka", "consumer", "producer")
@@ -144,6 +158,7 @@ _OTHER_VARIABLES = frozenset(
     {
         "KAFKAWORKERS_DISABLE_PLUGINS",  # kafkaworkers.plugins
         "KAFKAWORKERS_SUPERVISOR_FD",  # kafkaworkers.supervisor: set for the processes of --processes
+        "KAFKAWORKERS_PROCESS_INDEX",
         "KAFKAWORKERS_CHAOS_SCALE",  # the test suite: workers it starts inherit them
         "KAFKAWORKERS_TEST_SEED",
     }
@@ -279,7 +294,7 @@ def _build(leaves: Mapping[Key, tuple[Any, Source]]) -> Settings:
 def _convert(name: str, raw: Any, source: Source) -> Any:
     """One simple setting converted to its type and checked against its constraints."""
     given = raw
-    if name in ("log_level", "log_format") and isinstance(raw, str):
+    if name in ("log_level", "log_format", "processing_guarantee") and isinstance(raw, str):
         raw = raw.upper() if name == "log_level" else raw.lower()
     try:
         value = msgspec.convert(raw, _TYPES[name], strict=False)

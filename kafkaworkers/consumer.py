@@ -25,6 +25,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     # A service that joins for the first time processes what is already waiting for it.
     "auto.offset.reset": "earliest",
     "partition.assignment.strategy": "cooperative-sticky",
+    # librdkafka's default, said out loud: an aborted transaction's messages are never read.
+    "isolation.level": "read_committed",
     # Committing every second bounds the re-delivery after a crash; what is committed is
     # only ever what the loop stored, and it stores only finished, acknowledged work.
     "enable.auto.commit": True,

@@ -41,12 +41,14 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from kafkaworkers.errors import KafkaWorkersError
 
-__all__ = ["ENV_FD", "ENV_INSTANCE_ID", "Supervisor", "instance_ids", "report_health", "supervisor_fd"]
+__all__ = ["ENV_FD", "ENV_INDEX", "ENV_INSTANCE_ID", "Supervisor", "instance_ids", "report_health", "supervisor_fd"]
 
 log = logging.getLogger(__name__)
 
 #: The number of the inherited pipe a child writes its health lines to.
 ENV_FD = "KAFKAWORKERS_SUPERVISOR_FD"
+#: A child's index (0 to N-1): part of its transactional id in exactly-once mode.
+ENV_INDEX = "KAFKAWORKERS_PROCESS_INDEX"
 #: How a child gets its ``group.instance.id``: the ``[consumer]`` table from the environment.
 ENV_INSTANCE_ID = "KAFKAWORKERS_CONSUMER_GROUP_INSTANCE_ID"
 
@@ -273,7 +275,7 @@ class Supervisor:
 
     def _spawn(self, child: _Child) -> None:
         read, write = os.pipe()
-        env = {**self.env, ENV_FD: str(write)}
+        env = {**self.env, ENV_FD: str(write), ENV_INDEX: str(child.index)}
         if self.instance_ids is not None:
             env[ENV_INSTANCE_ID] = self.instance_ids[child.index]
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -39,12 +40,14 @@ from kafkaworkers.clock import SYSTEM_CLOCK, Clock
 from kafkaworkers.concurrency import Dispatcher, EventLoopThread
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
-from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, DecodeError, PluginError
+from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, ConfigError, DecodeError, PluginError
 from kafkaworkers.headers import H_DUE, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
-from kafkaworkers.producer import producer_config, shared_producer
+from kafkaworkers.producer import create_producer, producer_config, shared_producer
 from kafkaworkers.retry import FailureRouter
+from kafkaworkers.supervisor import ENV_INDEX
+from kafkaworkers.transactions import TRANSACTION_TIMEOUT_MS, Transactions, transactional_id
 from kafkaworkers.transports import Consumer, Message, Producer, Transport, transport_for
 
 __all__ = ["PluginRunner", "Worker"]
@@ -95,6 +98,7 @@ class PluginRunner:
     :param state: what the plugin's ``on_start`` returned: ``ctx.state``, and its batch scope's.
     :param clock: the clocks pauses and due times are measured on.
     :param completed: set when a handler running concurrently finishes (wakes the worker's loop).
+    :param txn: in exactly-once mode, the worker's transactions (``producer`` is their producer).
     """
 
     def __init__(
@@ -108,8 +112,12 @@ class PluginRunner:
         state: Any = None,
         clock: Clock = SYSTEM_CLOCK,
         completed: threading.Event | None = None,
+        txn: Transactions | None = None,
     ) -> None:
         self.plugin = plugin
+        self.txn = txn
+        # exactly-once: messages whose outputs the broker refused, dead-lettered when handled again
+        self._poisoned: dict[tuple[str, int, int], Exception] = {}
         self.state = state
         self.group = settings.group_for(plugin.name)
         self.host = host
@@ -126,6 +134,9 @@ class PluginRunner:
         #: a consumer said no broker answers; cleared by the next message or broker answer
         self.broker_down = False
         callbacks = self._client_callbacks(settings)
+        if txn is not None:
+            # Offsets commit in the transaction, never by themselves.
+            callbacks["enable.auto.commit"] = False
         self.consumer = create_consumer(settings, self.group, callbacks, transport=transport)
         # Retry topics get a consumer (and group) of their own: sticky assignment balances the
         # partition count over all subscribed topics, so with one consumer a second process
@@ -154,6 +165,8 @@ class PluginRunner:
             revoke = min(_MAX_REVOKE_WAIT, settings.shutdown_grace / 2)
             self.dispatcher = Dispatcher(self, self.concurrency, buffer, revoke, completed or threading.Event())
         self.loop = self.dispatcher.loop if self.dispatcher is not None else EventLoopThread(plugin.name)
+        if txn is not None:
+            txn.on_abort(self._aborted)
 
     @property
     def paused(self) -> dict[TP, tuple[float, str]]:
@@ -193,6 +206,9 @@ class PluginRunner:
         # now, before another member takes the partitions.
         if self.dispatcher is not None:
             self.dispatcher.revoked(partitions)
+        if self.txn is not None and self.txn.open:
+            # Finished work of a transaction gathering batches: commit it while we own the partitions.
+            self.txn.commit()
         self._commit(consumer)
         self._forget(partitions)
         if partitions:
@@ -203,7 +219,22 @@ class PluginRunner:
         log.warning("%s: lost %s; their uncommitted work will be redone", self.plugin.name, _fmt(partitions))
         if self.dispatcher is not None:
             self.dispatcher.revoked(partitions, lost=True)
+        if self.txn is not None and self.txn.open:
+            # Another member owns them already: none of their offsets may commit.
+            self.txn.abort()
         self._forget(partitions)
+
+    def _aborted(self, consumer: Consumer, first: dict[TP, int]) -> None:
+        """A transaction was aborted: handle again what it held of this runner's partitions."""
+        if not any(consumer is mine for mine in self.consumers):
+            return
+        kept = {tp: offset for tp, offset in first.items() if tp in self.partitions.assigned}
+        if not kept:
+            return
+        if self.dispatcher is not None:
+            self.dispatcher.rewound(kept)
+        else:
+            self.partitions.rewind(kept, "its transaction was aborted")
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         self._rebalances += 1
@@ -278,8 +309,13 @@ class PluginRunner:
             return 0
         if self._hook_batch:
             self.host.batch_received(self.plugin, messages)
+        if self.txn is not None:
+            self.txn.begin()
         scope = self.plugin.batch_scope(self.state)
-        batch = Batch(self.plugin.name, self.producer, self.router, self.partitions, self._produced, scope is not None)
+        batch = Batch(
+            self.plugin.name, self.producer, self.router, self.partitions, self._produced, scope is not None,
+            txn=self.txn, poisoned=self._poisoned if self.txn is not None else None,
+        )  # fmt: skip
         if scope is None:
             self._handle(batch, messages)
         else:
@@ -328,6 +364,7 @@ class PluginRunner:
         held = batch.held
         in_place = self._in_place
         hook_handled = self._hook_handled
+        poisoned = self._poisoned
         perf = time.perf_counter
         for msg in messages:
             err = msg.error()
@@ -351,6 +388,8 @@ class PluginRunner:
             route.consumed += 1
             mark = len(held) if held is not None else 0
             try:
+                if poisoned and (refused := poisoned.pop((topic, partition, offset), None)) is not None:
+                    raise refused
                 raw = msg.value()
                 if raw is None:
                     raise DecodeError("null value (tombstone): a message must carry a body")
@@ -539,6 +578,8 @@ class Worker:
         self._topics: dict[str, int] = {}
         self._admin: Any = None
         self._producer: Any = None
+        #: in exactly-once mode, the worker's transactional producer and its open transaction
+        self.txn: Transactions | None = None
 
     @property
     def ready(self) -> bool:
@@ -589,6 +630,7 @@ class Worker:
         self._running = True
         self._wait_for_broker(broker_wait)
         self._producer = shared_producer(self.settings, self.transport)
+        self.txn = self._transactions()
         if self.metrics is not None:
             self.host.on_observer_error = self.metrics.observer_failed
         data_root = Path(self.settings.data_dir)
@@ -605,16 +647,18 @@ class Worker:
                 for breaker in plugin.breakers.values():
                     plugin_metrics.watch_breaker(breaker)
                 self.host.register_metrics(self.metrics.registry, plugin)
+            txn = self.txn if self.settings.guarantee_for(plugin.name) == "exactly_once" else None
             runner = PluginRunner(
                 plugin,
                 self.settings,
                 self.host,
-                self._producer,
+                txn.producer if txn is not None else self._producer,
                 self.transport,
                 plugin_metrics,
                 state=state,
                 clock=self.clock,
                 completed=self.completed,
+                txn=txn,
             )
             self.runners.append(runner)
         self._ensure_internal_topics()
@@ -626,6 +670,26 @@ class Worker:
         # profile showed 0.43 us per message in the collector without this, 0.11 us with it.
         gc.freeze()
         log.info("worker started: %s", ", ".join(p.name for p in self.plugins))
+
+    def _transactions(self) -> Transactions | None:
+        """Exactly-once plugins share one transactional producer, its id stable across restarts."""
+        exact = [p.name for p in self.plugins if self.settings.guarantee_for(p.name) == "exactly_once"]
+        if not exact:
+            return None
+        if self.transport.name != "kafka":
+            raise ConfigError("processing_guarantee exactly_once needs Kafka: the in-memory broker has no transactions")
+        tid = transactional_id(self.settings.group_prefix, exact, int(os.environ.get(ENV_INDEX) or 0))
+        # librdkafka wants a message's delivery timeout within its transaction's.
+        extra = {
+            "transactional.id": tid,
+            "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
+            "message.timeout.ms": TRANSACTION_TIMEOUT_MS,
+        }
+        producer = create_producer(self.settings, extra, transport=self.transport)
+        txn = Transactions(producer, self.settings.transaction_interval_ms / 1000)
+        txn.start()
+        log.info("exactly-once for %s: transactional id %s", ", ".join(exact), tid)
+        return txn
 
     def run_once(self, timeout: float | None = None) -> int:
         """One batch step of every plugin; return how many messages they handled."""
@@ -646,14 +710,14 @@ class Worker:
     def flush(self, timeout: float | None = None) -> int:
         """Wait until every produced message is acknowledged or failed (at most ``timeout``
         seconds), beating the liveness clock; return how many are still waiting."""
-        producer = self._producer
+        producers = [self._producer] if self.txn is None else [self._producer, self.txn.producer]
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if deadline is None and not self._running:
                 # Stopping: the batch in hand may wait for the broker half the grace, no longer.
                 deadline = self._stop_requested + self.settings.shutdown_grace / 2
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-            waiting = int(producer.flush(max(left, 0.0)))
+            waiting = sum(int(producer.flush(max(left, 0.0))) for producer in producers)
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 return waiting
             self.last_beat = time.monotonic()
@@ -680,6 +744,9 @@ class Worker:
             if waiting:
                 log.warning("%d produced message(s) not acknowledged within the grace; they will be redone", waiting)
             reachable = not any(runner.broker_down for runner in self.runners)
+            # What an open transaction holds is finished work: commit it, unless the broker is gone.
+            if self.txn is not None and self.txn.open and not (reachable and self.txn.commit()):
+                self.txn.abort()
             for runner in self.runners:
                 runner.close(commit=reachable and time.monotonic() < deadline)
         for runner in self.runners:

@@ -547,6 +547,10 @@ class MemoryConsumer:
             return [TopicPartition(tp.topic, tp.partition, self._position.get(
                 (tp.topic, tp.partition), OFFSET_INVALID)) for tp in partitions]
 
+    def consumer_group_metadata(self) -> Any:
+        """Not modelled: the in-memory broker has no transactions, so no exactly-once."""
+        raise KafkaException(KafkaError(KafkaError._NOT_IMPLEMENTED, "the in-memory broker has no transactions"))
+
     def pause(self, partitions: list[TopicPartition]) -> None:
         """Stop fetching from these assigned partitions until resumed or reassigned."""
         self._check()
