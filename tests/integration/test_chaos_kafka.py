@@ -446,6 +446,28 @@ def test_chaos_exactly_once_20000_messages_5_sigkills_and_a_broker_restart_every
     assert handled_again > 0, "no message was handled twice: the kills landed nowhere, the test proved nothing"
 
 
+def test_chaos_exactly_once_at_concurrency_16_a_sigkill_mid_flight_leaves_every_output_once(
+    kafka: KafkaHelper, kwtest: KwTest
+) -> None:
+    """A transaction covers each partition's run of finished messages, never one in flight."""
+    total = 3000
+    kafka.create_topics(kwtest.ping, kwtest.pong)
+    kafka.produce(kwtest.ping, pings(0, total), key=lambda n: f"key-{n % 40}".encode())
+    args = ("--processing-guarantee", "exactly_once", "--concurrency", "16")
+    killed = kwtest.start(*args, KWTEST_DELAY_MS="10", KWTEST_KILL_AT="1500")
+    assert killed.wait(120) == -signal.SIGKILL, kwtest.log()
+    kwtest.start(*args, KWTEST_DELAY_MS="10")
+    wait_committed(kafka, kwtest, total, 180)
+
+    outputs = read_committed(kafka.bootstrap, kwtest.pong)
+    handled_again = sum(c - 1 for c in collections.Counter(kwtest.handled()).values())
+    print(f"\nEXACTLY_ONCE concurrency=16 messages={total} duplicates={sum(c - 1 for c in outputs.values())}"
+          f" missing={total - len(outputs)} handled_again={handled_again}")  # fmt: skip
+    assert sorted(outputs) == list(range(total)), "an output is missing"
+    assert [n for n, c in outputs.items() if c > 1] == [], "a read_committed reader saw an output twice"
+    assert handled_again > 0, "nothing was in flight at the kill: the test proved nothing"
+
+
 def test_chaos_exactly_once_a_zombie_resumed_after_its_replacement_took_over_is_fenced(
     kafka: KafkaHelper, kwtest: KwTest
 ) -> None:
