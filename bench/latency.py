@@ -10,7 +10,13 @@ Two shapes:
   run's own topics, the output one with ``message.timestamp.type=LogAppendTime``.
 
 The load comes from its own process (``bench.contenders.rate_producer``). Nothing is read
-while the load runs: both topics are read afterwards and joined on the order id.
+while the load runs: both topics are read afterwards and joined on the order id. The one
+exception is a ``live`` run (W8): there a ``read_committed`` reader in this process also notes
+when each output became visible, since a transactional output's broker timestamp is when it
+was appended, not when its transaction committed.
+
+The same function measures the pipeline's capacity: under a load it cannot carry, ``out_rate``
+is the pace at which orders reach a terminal state (picked; cancelled ones are counted too).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import os
 import random
 import subprocess
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ CATALOGUE = runner.ROOT / "plugins" / "reserva" / "catalogo.json"
 #: Stock enough for any load: the bench measures latency, not running out of stock.
 BENCH_STOCK = 10**9
 IN_TOPIC, OUT_TOPIC = "pedido-novo", "processo-picking"
+CANCELLED_TOPIC = "pedido-cancelado"
 READY_TIMEOUT = 90.0
 DRAIN_TIMEOUT = 60.0
 
@@ -55,6 +63,10 @@ class _Created(msgspec.Struct):
 class _Picking(msgspec.Struct):
     order_id: str
     status: str = ""
+
+
+class _OrderId(msgspec.Struct):
+    order_id: str
 
 
 @dataclass
@@ -78,6 +90,14 @@ class LatencyResult:
     timestamp_type: str = ""
     workers_cpu_s: float = 0.0
     workers_peak_rss_kb: list[int] = field(default_factory=list)
+    #: What the run varied (W8: the processing guarantee; capacity: the services' settings).
+    variant: str = ""
+    #: Pipeline: this load's orders cancelled (their other terminal state).
+    cancelled: int = 0
+    #: ``live`` runs: when the output reached a read_committed reader, minus ``criado_em``.
+    visible_p50: float = float("nan")
+    visible_p99: float = float("nan")
+    visible_p999: float = float("nan")
 
     @property
     def load(self) -> str:
@@ -107,10 +127,19 @@ def pipeline_status() -> tuple[bool, str]:
 
 
 def run(
-    ws: Workspace, broker: Broker, mode: str, load_pct: int, rate: float, seconds: float, rep: int
-) -> LatencyResult:
-    result = LatencyResult(mode, load_pct, rep, rate)
-    key = str(load_pct) if load_pct else f"{rate:.0f}ps"
+    ws: Workspace, broker: Broker, mode: str, load_pct: int, rate: float, seconds: float, rep: int,
+    variant: str = "", options: dict[str, Any] | None = None, live: bool = False,
+    service_args: dict[str, list[str]] | None = None,
+) -> LatencyResult:  # fmt: skip
+    """One load at ``rate`` for ``seconds`` through ``mode``.
+
+    :param variant: a label for what the run varies, also part of its topic and group names.
+    :param options: the pass-through contender's spec options (W8: ``guarantee``, ``settings``).
+    :param live: also time each output's arrival at a read_committed reader during the load.
+    :param service_args: pipeline: extra ``kafkaworkers run`` arguments per service.
+    """
+    result = LatencyResult(mode, load_pct, rep, rate, variant=variant)
+    key = (str(load_pct) if load_pct else f"{rate:.0f}ps") + (f"-{variant}" if variant else "")
     tag = f"w5-{key}-r{rep}"
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     if mode == "passthrough":
@@ -122,26 +151,37 @@ def run(
         _create_pipeline_topics(broker)
     skus = _catalogue_skus() if mode == "pipeline" else None
     start_in, start_out = _ends(broker, in_topic), _ends(broker, out_topic)
+    start_cancelled = _ends(broker, CANCELLED_TOPIC) if mode == "pipeline" else {}
+    reader: _LiveReader | None = None
     try:
         if mode == "passthrough":
             spec = runner.make_spec(PASSTHROUGH, ws, in_topic, out_topic, 0, tag)
+            spec.options.update(options or {})
             procs.append(("kafkaworkers", runner.start(PASSTHROUGH, spec, ws)[0]))
         else:
-            procs += _start_pipeline(ws, tag)
+            procs += _start_pipeline(ws, tag, service_args or {})
         probe_prefix = f"probe{uuid.uuid4().hex[:6]}"
         if not _wait_ready(broker, in_topic, out_topic, start_out, probe_prefix, procs, skus):
             result.error = f"no {out_topic} output within {READY_TIMEOUT:.0f} s of start"
             return result
         load_spec = runner.make_spec(LOAD, ws, in_topic, out_topic, 0, tag)
         load_spec.options.update(rate=rate, seconds=seconds, id_prefix=f"{ws.prefix[-6:]}{key}r{rep}", skus=skus)
+        if live:
+            reader = _LiveReader(broker, out_topic, start_out, load_spec.options["id_prefix"])
+            reader.start()
         load = runner.run_contender(LOAD, load_spec, ws, rep, timeout=seconds * 3 + 60)
         if not load.ok:
             result.error = f"load producer failed: {load.error}"
             return result
         result.sent = load.messages
         result.achieved_rate = load.extra.get("achieved_rate", 0.0)
-        _drain(broker, out_topic, start_out, load_spec.options["id_prefix"], result.sent)
+        if reader is not None:
+            reader.wait(result.sent, DRAIN_TIMEOUT)
+        else:
+            _drain(broker, out_topic, start_out, load_spec.options["id_prefix"], result.sent)
     finally:
+        if reader is not None:
+            reader.stop()
         for _, proc in procs:
             _, usage, peak = runner.stop(proc)
             if usage:
@@ -165,6 +205,13 @@ def run(
     if len(out_times) > 1 and max(out_times) > min(out_times):
         result.out_rate = (len(out_times) - 1) / ((max(out_times) - min(out_times)) / 1000)
     result.timestamp_type = ",".join(sorted(ts_types))
+    if mode == "pipeline":
+        prefix = load_spec.options["id_prefix"]
+        cancelled = {m.order_id for _, m in _read(broker, CANCELLED_TOPIC, start_cancelled, _OrderId)}
+        result.cancelled = sum(1 for order_id in cancelled if order_id.startswith(prefix))
+    if reader is not None:
+        visible = [t - created[o] for o, t in reader.seen.items() if o in created]
+        result.visible_p50, result.visible_p99, result.visible_p999 = (percentile(visible, q) for q in (50, 99, 99.9))
     if values:
         result.ok = True
         result.p50, result.p99, result.p999 = (percentile(values, q) for q in (50, 99, 99.9))
@@ -174,8 +221,11 @@ def run(
     return result
 
 
-def _start_pipeline(ws: Workspace, tag: str) -> list[tuple[str, subprocess.Popen[bytes]]]:
-    """One ``kafkaworkers run --plugin X`` per service, each in a bench-owned consumer group."""
+def _start_pipeline(
+    ws: Workspace, tag: str, service_args: dict[str, list[str]]
+) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """One ``kafkaworkers run --plugin X`` per service (plus its ``service_args``), each in a
+    bench-owned consumer group."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KAFKAWORKERS_DISABLE_PLUGINS")}
     catalogue = ws.path / "catalogo-bench.json"
     items = json.loads(CATALOGUE.read_text())
@@ -188,7 +238,8 @@ def _start_pipeline(ws: Workspace, tag: str) -> list[tuple[str, subprocess.Popen
     for name in PIPELINE:
         group = f"{ws.prefix}-{tag}-{name}"
         argv = [str(KW), "run", "--plugin", name, "--group-id", group, "--config", str(config), "-b", ws.bootstrap,
-                "--metrics-port", str(runner.free_port()), "--log-level", "WARNING"]  # fmt: skip
+                "--metrics-port", str(runner.free_port()), "--log-level", "WARNING",
+                *service_args.get(name, [])]  # fmt: skip
         log = open(ws.path / f"{group}.log", "wb")  # noqa: SIM115 - handed to the child
         env_one = {**env, "KAFKAWORKERS_DATA_DIR": str(ws.path / "data" / group)}
         procs.append((name, subprocess.Popen(argv, env=env_one, cwd=ws.path, stdout=log, stderr=subprocess.STDOUT)))
@@ -265,9 +316,47 @@ def _drain(broker: Broker, out_topic: str, start_out: dict[int, int], prefix: st
         consumer.close()
 
 
-def _assigned(broker: Broker, topic: str, start: dict[int, int]) -> Consumer:
+class _LiveReader(threading.Thread):
+    """Notes when each output of this load reaches a read_committed reader (wall clock, ms).
+
+    ``consume(1000, 0.002)`` returns after at most 2 ms, so an arrival is noted at most 2 ms
+    late; ``fetch.wait.max.ms`` = 10 bounds how long the broker holds a fetch.
+    """
+
+    def __init__(self, broker: Broker, topic: str, start: dict[int, int], prefix: str) -> None:
+        super().__init__(daemon=True)
+        self.consumer = _assigned(broker, topic, start, {"isolation.level": "read_committed", "fetch.wait.max.ms": 10})
+        self.needle = b'"' + prefix.encode()
+        self.seen: dict[str, float] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        decode = msgspec.json.Decoder(_OrderId).decode
+        seen = self.seen
+        try:
+            while not self._halt.is_set():
+                batch = self.consumer.consume(1000, 0.002)
+                now = time.time() * 1000
+                for msg in batch:
+                    if msg.error() is None and msg.value() and self.needle in msg.value():
+                        seen.setdefault(decode(msg.value()).order_id, now)
+        finally:
+            self.consumer.close()
+
+    def wait(self, expected: int, timeout: float) -> None:
+        """Until ``expected`` outputs arrived, or ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(self.seen) < expected and time.monotonic() < deadline and self.is_alive():
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+def _assigned(broker: Broker, topic: str, start: dict[int, int], extra: dict[str, Any] | None = None) -> Consumer:
     consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-reader-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False})  # fmt: skip
+                         "enable.auto.commit": False, **(extra or {})})  # fmt: skip
     meta = broker.admin.list_topics(topic, timeout=10).topics[topic]
     consumer.assign([TopicPartition(topic, p, start.get(p, 0)) for p in meta.partitions])
     return consumer

@@ -194,6 +194,105 @@ def w7_lines(summary: dict[str, dict]) -> list[str]:
     ]
 
 
+def w8_lines(summary: dict[str, dict], kw: str) -> list[str]:
+    """Each exactly-once setting against W3: ratios of the medians and per repetition."""
+    lines = []
+    for key, what in (("kw-eos", "a transaction per batch"), ("kw-eos-100", "transaction_interval_ms = 100")):
+        r = pair_ratios(summary, key, kw)
+        if r["rate"] != r["rate"]:
+            lines.append(f"- exactly_once ({what}) did not complete: no ratio.")
+            continue
+        per_rep = ", ".join(_fmt(x, 2) for x in r["rate_runs"])  # type: ignore[attr-defined]
+        lines.append(f"- throughput, exactly_once ({what}) / W3: **{_fmt(r['rate'], 2)}** (medians; per repetition "
+                     f"{per_rep}); CPU per message {_fmt(r['cpu'], 2)}x")  # fmt: skip
+    return lines
+
+
+def w8_targets(summary: dict[str, dict], kw: str, latency: list[LatencyResult]) -> list[str]:
+    """W8's target (throughput >= 0.9x W3) and the latency its default adds, when W8 ran."""
+    if "kw-eos" not in summary and not latency:
+        return []
+    r = pair_ratios(summary, "kw-eos", kw)
+    lines = [f"- {'PASS' if r['rate'] >= 0.9 else 'FAIL'}: W8 exactly_once / W3 >= 0.9: {_fmt(r['rate'], 2)}"]
+    base = [x for x in latency if x.ok and x.variant == "at_least_once"]
+    eos = [x for x in latency if x.ok and x.variant == "exactly_once"]
+    if base and eos:
+        added = [_median(x.visible_p50 for x in eos) - _median(x.visible_p50 for x in base),
+                 _median(x.visible_p99 for x in eos) - _median(x.visible_p99 for x in base)]  # fmt: skip
+        lines.append(f"- W8 latency its default (a transaction per batch) adds at {_fmt(base[0].target_rate)} msgs/s, "
+                     f"as a read_committed reader sees it: p50 {_fmt(added[0], 1)} ms, p99 {_fmt(added[1], 1)} ms "
+                     "(no target)")  # fmt: skip
+    return lines
+
+
+def w8_latency_table(results: list[LatencyResult]) -> list[str]:
+    lines = [
+        "| guarantee | load | sent msgs/s | out / sent | appended p50 ms | appended p99 ms | visible p50 ms "
+        "| visible p99 ms | visible p99.9 ms | runs: visible p99 ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for variant in dict.fromkeys(r.variant for r in results):
+        runs = [r for r in results if r.variant == variant]
+        ok = [r for r in runs if r.ok]
+        each = ", ".join(_fmt(r.visible_p99, 1) if r.ok else "failed" for r in runs)
+        lines.append(
+            f"| {variant} | {runs[0].load} | {_fmt(_median(r.achieved_rate for r in ok))} "
+            f"| {sum(r.matched for r in ok)} / {sum(r.sent for r in ok)} "
+            f"| {_fmt(_median(r.p50 for r in ok), 1)} | {_fmt(_median(r.p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.visible_p50 for r in ok), 1)} | {_fmt(_median(r.visible_p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.visible_p999 for r in ok), 1)} | {each} |"
+        )
+    return lines
+
+
+def best_capacity(results: list[LatencyResult]) -> tuple[str, float]:
+    """The capacity runs' best setting and its median out rate (orders/s); ("", 0) if none ran."""
+    rates = {v: _median(r.out_rate for r in results if r.variant == v and r.ok and not v.endswith("(half)"))
+             for v in dict.fromkeys(r.variant for r in results)}  # fmt: skip
+    rates = {v: x for v, x in rates.items() if x == x}
+    if not rates:
+        return "", 0.0
+    best = max(rates, key=rates.__getitem__)
+    return best, rates[best]
+
+
+def capacity_lines(results: list[LatencyResult]) -> list[str]:
+    lines = [
+        "| services' settings | offered orders/s | sent orders/s | out orders/s (median) | runs (out orders/s) "
+        "| picked / sent | cancelled | p50 ms | p99 ms | p99.9 ms | workers' CPU s (last run) |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for variant in dict.fromkeys(r.variant for r in results):
+        runs = [r for r in results if r.variant == variant]
+        ok = [r for r in runs if r.ok]
+        each = ", ".join(_fmt(r.out_rate) if r.ok else "failed" for r in runs)
+        lines.append(
+            f"| {variant} | {_fmt(runs[0].target_rate)} | {_fmt(_median(r.achieved_rate for r in ok))} "
+            f"| {_fmt(_median(r.out_rate for r in ok))} | {each} "
+            f"| {sum(r.matched for r in ok)} / {sum(r.sent for r in ok)} | {sum(r.cancelled for r in ok)} "
+            f"| {_fmt(_median(r.p50 for r in ok), 1)} | {_fmt(_median(r.p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.p999 for r in ok), 1)} | {_fmt(ok[-1].workers_cpu_s, 1) if ok else '-'} |"
+        )
+    return lines
+
+
+def capacity_targets(results: list[LatencyResult]) -> list[str]:
+    """The pipeline's capacity, and the p99 target at half of it."""
+    if not results:
+        return []
+    best, rate = best_capacity(results)
+    half = [r for r in results if r.variant.endswith("(half)") and r.ok]
+    p99 = _median(r.p99 for r in half)
+    complete = bool(half) and all(r.matched + r.cancelled >= r.sent for r in half)
+    came = f"{sum(r.matched for r in half)} of {sum(r.sent for r in half)} orders picked" if half else "not measured"
+    return [
+        f"- pipeline capacity (six services, 2 cores shared with the broker): {_fmt(rate)} orders/s at its best "
+        f"setting ({best or 'none ran'})",
+        f"- {'PASS' if p99 <= 50 and complete else 'FAIL'}: pipeline p99 <= 50 ms at half its capacity "
+        f"({_fmt(rate / 2)} orders/s): {_fmt(p99, 1)} ms ({came})",
+    ]
+
+
 def perf_table(results: list[tuple[str, PerfResult]]) -> list[str]:
     lines = [
         "| tool | msgs/s (median) | runs | detail (last run) | JVM CPU s | JVM peak RSS MiB |",

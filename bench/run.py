@@ -55,6 +55,10 @@ CONTENDERS = [
     Contender("w1", "W1", "confluent-kafka batch consume, no processing", module="bench.contenders.raw_consume"),
     Contender("w2", "W2", "hand-written confluent-kafka loop (baseline)", module="bench.contenders.raw_pipeline"),
     Contender("kw", "W3", "kafkaworkers run (metrics + observer hook on)", kind="kw-cli"),
+    Contender("kw-eos", "W8", "kafkaworkers run, exactly_once (a transaction per batch, the default)", kind="kw-cli",
+              options={"guarantee": "exactly_once"}),
+    Contender("kw-eos-100", "W8", "kafkaworkers run, exactly_once, transaction_interval_ms = 100", kind="kw-cli",
+              options={"guarantee": "exactly_once", "settings": {"transaction_interval_ms": 100}}),
     Contender("w2-small", "W3-small", "hand-written confluent-kafka loop, small message (baseline)",
               module="bench.contenders.raw_pipeline", options={"data": "payments"}),
     Contender("kw-small", "W3-small", "kafkaworkers run, small message (metrics + observer hook on)", kind="kw-cli",
@@ -74,7 +78,13 @@ CONTENDERS = [
     Contender("aiokafka", "peer", "hand-written aiokafka loop", module="bench.contenders.aiokafka_peer",
               venv="aiokafka"),
 ]  # fmt: skip
-WORKLOADS = ("w0", "w1", "w2", "w3", "w3-small", "w4", "peers", "w5", "w6", "w7")
+WORKLOADS = ("w0", "w1", "w2", "w3", "w3-small", "w4", "peers", "w5", "w6", "w7", "w8", "capacity")
+#: W8's latency rows: the pass-through plugin's spec options for each processing guarantee.
+W8_LATENCY = (
+    ("at_least_once", {}),
+    ("exactly_once", {"guarantee": "exactly_once"}),
+    ("exactly_once, 100 ms", {"guarantee": "exactly_once", "settings": {"transaction_interval_ms": 100}}),
+)
 
 
 def w6_contenders() -> list[Contender]:
@@ -130,6 +140,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w6-seconds", type=float, default=6.0,
                    help="W6: about how long each run lasts (its message count is sized for its concurrency)")
     p.add_argument("--w6-delay-ms", type=float, default=20.0, help="W6: the local HTTP server's answer delay")
+    p.add_argument("--w8-rate", type=float, default=5000.0,
+                   help="W8: msgs/s of the paced load through the pass-through plugin (default 5,000)")
+    p.add_argument("--w8-seconds", type=float, default=20.0, help="W8: seconds of each paced load (default 20)")
+    p.add_argument("--capacity-rate", type=float, default=3000.0,
+                   help="capacity: the orders/s offered, above what the pipeline carries (default 3,000)")
+    p.add_argument("--capacity-seconds", type=float, default=15.0, help="capacity: seconds of that load (default 15)")
+    p.add_argument("--capacity-settings", default="defaults;notificacao=1,pagamento=1;notificacao=32,pagamento=32",
+                   help="capacity: the services' settings to try, ';'-separated; each a comma list of "
+                        "SERVICE=CONCURRENCY ('defaults': the services' own)")
+    p.add_argument("--capacity-half-seconds", type=float, default=30.0,
+                   help="capacity: seconds of load at half the best capacity (default 30)")
     p.add_argument("--timeout", type=float, help="seconds one contender run may take (default 60 + N/1000)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results.md")
     p.add_argument(
@@ -161,8 +182,9 @@ def selected(args: argparse.Namespace) -> tuple[set[str], list[Contender]]:
         sys.exit(
             f"bench: unknown contender(s) {', '.join(sorted(set(keys) - known))}; known: {', '.join(sorted(known))}"
         )
+    # W8 is read against W3 of the same run: it brings W3's kafkaworkers run along.
     chosen = [c for c in CONTENDERS + w6_contenders() if (c.key in keys if keys else c.workload.lower() in workloads
-              or (c.workload == "peer" and "peers" in workloads))]  # fmt: skip
+              or (c.workload == "peer" and "peers" in workloads) or (c.key == KW and "w8" in workloads))]  # fmt: skip
     return workloads, chosen
 
 
@@ -210,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     perf: list[tuple[str, perftools.PerfResult]] = []
     results: list[RunResult] = []
     lat: list[latency.LatencyResult] = []
+    w8_lat: list[latency.LatencyResult] = []
+    capacity: list[latency.LatencyResult] = []
     w5_note = ""
     try:
         # --- W0: the broker ceiling --------------------------------------------------
@@ -308,6 +332,22 @@ def main(argv: list[str] | None = None) -> int:
                             f"p50 {r.p50:.1f} ms, p99 {r.p99:.1f} ms, p99.9 {r.p999:.1f} ms, {r.matched}/{r.sent} out, "
                             f"sent {r.achieved_rate:,.0f} msgs/s, out {r.out_rate:,.0f} msgs/s"
                             if r.ok else f"failed: {r.error}"))  # fmt: skip
+
+        # --- W8: the latency exactly-once adds, at one paced load ----------------------
+        if "w8" in workloads:
+            for rep in range(args.reps):
+                for variant, options in W8_LATENCY:
+                    r = latency.run(ws, broker, "passthrough", 0, args.w8_rate, args.w8_seconds, rep,
+                                    variant=variant.replace(", ", "-").replace(" ", ""), options=options, live=True)
+                    r.variant = variant
+                    w8_lat.append(r)
+                    say(f"W8 {variant} {r.load} r{rep}: " + (
+                        f"appended p50 {r.p50:.1f} / p99 {r.p99:.1f} ms, visible p50 {r.visible_p50:.1f} / "
+                        f"p99 {r.visible_p99:.1f} ms, {r.matched}/{r.sent} out" if r.ok else f"failed: {r.error}"))
+
+        # --- the pipeline's capacity, and its latency at half of it --------------------
+        if "capacity" in workloads:
+            capacity = run_capacity(args, ws, broker)
     finally:
         if not args.keep_topics:
             deleted = broker.delete_prefixed(prefix)
@@ -336,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Targets",
         "",
         *report.targets(summary, peers, KW, baseline, lat),
+        *report.w8_targets(summary, KW, w8_lat),
+        *report.capacity_targets(capacity),
         "",
         "## Set-up",
         "",
@@ -357,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         w0 = report.summarize([r for r in results if r.contender == "w0-py"])
         if w0:
             lines += [*report.throughput_table([W0_PY], w0, float("nan")), ""]
-    rotation = [c for c in usable if c.workload not in ("W0", "W3-small", "W6", "W7")]
+    rotation = [c for c in usable if c.workload not in ("W0", "W3-small", "W6", "W7", "W8")]
     if rotation:
         lines += ["## Throughput: W1-W4 and peers", "", *report.throughput_table(rotation, summary, baseline), ""]
     small = [c for c in usable if c.workload == "W3-small"]
@@ -402,6 +444,50 @@ def main(argv: list[str] | None = None) -> int:
             *report.w7_lines(summary),
             "",
         ]
+    if any(c.workload == "W8" for c in usable) or w8_lat:
+        w8 = [c for c in usable if c.key == KW or c.workload == "W8"]
+        lines += [
+            "## W8: exactly-once against W3",
+            "",
+            "W3's plugin and `kafkaworkers run`, metrics and the observer hook on, in `processing_guarantee = "
+            "\"exactly_once\"`: one transactional producer, each batch's outputs and consumed offsets in one "
+            "transaction (`transaction_interval_ms = 0`, the default), and once with transactions gathering "
+            "batches for 100 ms. Interleaved with W3 in the same rotation. The window closes when the last "
+            "batch's transaction has committed (at 100 ms: when its last batch joined the open transaction; the "
+            "final commit follows at shutdown). `vs W2` here: against W3.",
+            "",
+            *report.throughput_table(w8, summary, summary.get(KW, {}).get("rate", float("nan"))),
+            "",
+            *report.w8_lines(summary, KW),
+            "",
+        ]
+        if w8_lat:
+            lines += [
+                f"Latency at a paced load of {args.w8_rate:,.0f} msgs/s for {args.w8_seconds:.0f} s through W5's "
+                "pass-through plugin, the three settings interleaved. *appended*: W5's method, the output's "
+                "broker timestamp (LogAppendTime) minus the order's `criado_em`; for a transactional output "
+                "that is when it was written, not when it became readable. *visible*: when a `read_committed` "
+                "reader running during the load received it (wall clock, at most 2 ms late) minus `criado_em`: "
+                "what a downstream consumer sees.",
+                "",
+                *report.w8_latency_table(w8_lat),
+                "",
+            ]
+    if capacity:
+        lines += [
+            "## The order pipeline: capacity, and latency at half of it",
+            "",
+            "The six services, one `kafkaworkers run --plugin X` each (W5's set-up), on the shared 2 cores with "
+            "the broker and the load producer. Capacity: orders offered at "
+            f"{args.capacity_rate:,.0f}/s for {args.capacity_seconds:.0f} s, more than the services carry; "
+            "out msgs/s = orders reaching `processo-picking` iniciado per second from the first to the last "
+            f"(the backlog drains within {latency.DRAIN_TIMEOUT:.0f} s); cancelled orders, the other terminal "
+            "state, are counted apart (none expected: unlimited stock, approved cards). Then a load at half the "
+            "best setting's capacity, latency as in W5.",
+            "",
+            *report.capacity_lines(capacity),
+            "",
+        ]
     if lat:
         lines += [
             "## W5: end-to-end latency",
@@ -420,6 +506,44 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(text)
     say(f"bench: written to {args.output}")
     return 0
+
+
+def _service_args(setting: str) -> dict[str, list[str]]:
+    """``notificacao=32,pagamento=32`` -> each service's ``--concurrency``; ``defaults`` -> none."""
+    out = {}
+    for item in setting.split(","):
+        if item.strip() and item.strip() != "defaults":
+            name, value = item.split("=")
+            out[name.strip()] = ["--concurrency", str(int(value))]
+    return out
+
+
+def run_capacity(args: argparse.Namespace, ws: Workspace, broker: Broker) -> list[latency.LatencyResult]:
+    """The pipeline under more load than it carries, for each setting (interleaved); then the best
+    setting at half its capacity (median out msgs/s)."""
+    settings = [s.strip() for s in args.capacity_settings.split(";") if s.strip()]
+    results: list[latency.LatencyResult] = []
+    for rep in range(args.reps):
+        for i, setting in enumerate(settings):
+            r = latency.run(ws, broker, "pipeline", 0, args.capacity_rate, args.capacity_seconds, rep,
+                            variant=f"cap{i}", service_args=_service_args(setting))  # fmt: skip
+            r.variant = setting
+            results.append(r)
+            say(f"capacity [{setting}] r{rep}: " + (
+                f"{r.out_rate:,.0f} orders/s out, {r.matched}/{r.sent} picked, {r.cancelled} cancelled"
+                if r.ok else f"failed: {r.error}"))  # fmt: skip
+    best, rate = report.best_capacity(results)
+    if not rate:
+        return results
+    for rep in range(args.reps):
+        r = latency.run(ws, broker, "pipeline", 0, rate / 2, args.capacity_half_seconds, rep,
+                        variant="half", service_args=_service_args(best))  # fmt: skip
+        r.variant = f"{best} (half)"
+        results.append(r)
+        say(f"capacity [{best}] at {rate / 2:,.0f} orders/s r{rep}: " + (
+            f"p50 {r.p50:.1f} ms, p99 {r.p99:.1f} ms, {r.matched}/{r.sent} out, {r.cancelled} cancelled"
+            if r.ok else f"failed: {r.error}"))  # fmt: skip
+    return results
 
 
 def run_w7(c: Contender, spec: Spec, ws: Workspace, rep: int, timeout: float) -> RunResult:

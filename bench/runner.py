@@ -98,7 +98,10 @@ class Workspace:
     def kw_config(self, spec: Spec, plugins: dict[str, dict[str, Any]] | None = None) -> Path:
         """A kafkaworkers.toml with the shared client settings (the same librdkafka settings)."""
         path = self.path / f"{spec.group}.toml"
-        lines = [f"batch_size = {spec.batch_size}", "poll_timeout = 0.5", 'log_level = "WARNING"', ""]
+        lines = [f"batch_size = {spec.batch_size}", "poll_timeout = 0.5", 'log_level = "WARNING"']
+        # A contender's own framework settings (W8: transaction_interval_ms).
+        lines += [f"{k} = {json.dumps(v)}" for k, v in spec.options.get("settings", {}).items()]
+        lines.append("")
         tables = [("consumer", spec.consumer), ("producer", spec.producer)]
         tables += [(f"plugins.{name}", values) for name, values in (plugins or {}).items()]
         for section, values in tables:
@@ -141,6 +144,8 @@ def command(c: Contender, spec: Spec, spec_path: Path, ws: Workspace) -> tuple[l
             argv += ["--concurrency", str(spec.options["concurrency"])]
         if "processes" in spec.options:
             argv += ["--processes", str(spec.options["processes"])]
+        if "guarantee" in spec.options:
+            argv += ["--processing-guarantee", spec.options["guarantee"]]
         return argv, env
     python = PROJECT_PYTHON
     if c.venv:
