@@ -375,12 +375,15 @@ def _read(broker: Broker, topic: str, start: dict[int, int], typ: type) -> list[
             for msg in consumer.consume(5000, 0.5):
                 if msg.error() is not None:
                     continue
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    remaining.discard(msg.partition())
                 try:
                     out.append((msg.timestamp(), decoder.decode(msg.value())))
                 except msgspec.DecodeError:
                     continue
+            # The position, not the last message: a transaction's commit marker takes an offset
+            # that a read_committed reader never receives.
+            for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
+                if tp.offset >= ends[tp.partition]:
+                    remaining.discard(tp.partition)
     finally:
         consumer.close()
     return out
