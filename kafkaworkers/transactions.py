@@ -44,9 +44,10 @@ _RETRIES = 5
 _CALL_TIMEOUT = 30.0
 
 
-def transactional_id(prefix: str, plugins: Sequence[str], index: int) -> str:
-    """A worker's transactional id: the same plugins on the same host at the same index get the same one."""
-    return f"{prefix}kw-{'.'.join(sorted(plugins))}-{socket.gethostname()}-{index}"
+def transactional_id(groups: Sequence[str], index: int) -> str:
+    """A worker's transactional id: the same consumer groups on the same host at the same
+    process index get the same one, so a restart fences what it replaces, and nothing else."""
+    return f"kw-{'.'.join(sorted(groups))}-{socket.gethostname()}-{index}"
 
 
 class Transactions:

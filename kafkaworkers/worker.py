@@ -678,7 +678,8 @@ class Worker:
             return None
         if self.transport.name != "kafka":
             raise ConfigError("processing_guarantee exactly_once needs Kafka: the in-memory broker has no transactions")
-        tid = transactional_id(self.settings.group_prefix, exact, int(os.environ.get(ENV_INDEX) or 0))
+        groups = [self.settings.group_for(name) for name in exact]
+        tid = transactional_id(groups, int(os.environ.get(ENV_INDEX) or 0))
         # librdkafka wants a message's delivery timeout within its transaction's.
         extra = {
             "transactional.id": tid,

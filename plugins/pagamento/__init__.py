@@ -48,7 +48,10 @@ CREATE TABLE IF NOT EXISTS cobranca (
     motivo TEXT NOT NULL DEFAULT '',
     valor INTEGER NOT NULL DEFAULT 0,
     cancelado INTEGER NOT NULL DEFAULT 0,
-    estornado INTEGER NOT NULL DEFAULT 0
+    estornado INTEGER NOT NULL DEFAULT 0,
+    -- Which message's handling refunded it (pedido-novo or pedido-cancelado): only that one
+    -- announces the refund, again if it is redelivered; the other, racing it, stays silent.
+    estorno_por TEXT NOT NULL DEFAULT ''
 );
 """
 _COLUMNS = "order_id, status, transacao_id, motivo, valor, cancelado, estornado"
@@ -86,7 +89,7 @@ class Cobrancas:
             )
         if cobranca.status is None:
             return []
-        return [_evento(cobranca, cobranca.status, cobranca.motivo), *self._estornar(cobranca)]
+        return [_evento(cobranca, cobranca.status, cobranca.motivo), *self._estornar(cobranca, PEDIDO_NOVO)]
 
     def cancelar(self, order_id: str) -> list[ProcessoPagamento]:
         """Record an order's cancellation and refund its approved charge, once; the refund event."""
@@ -95,21 +98,31 @@ class Cobrancas:
             " ON CONFLICT (order_id) DO UPDATE SET cancelado = 1",
             (order_id,),
         )
-        return self._estornar(cobranca)
+        return self._estornar(cobranca, PEDIDO_CANCELADO)
 
     def close(self) -> None:
         self.gateway.close()
         self.store.close()
 
-    def _estornar(self, cobranca: Cobranca) -> list[ProcessoPagamento]:
+    def _estornar(self, cobranca: Cobranca, via: str) -> list[ProcessoPagamento]:
+        """Refund a cancelled order's approved charge once. The charge and the cancellation may
+        be handled at once (two topics, two lanes at ``--concurrency``, or two instances): the
+        refund and its record are one transaction, and only the message that refunded
+        announces it, so the event is published once (again on a redelivery of that message)."""
         if cobranca.status != "aprovado" or not cobranca.cancelado:
             return []
-        if not cobranca.estornado:
-            key = f"{cobranca.order_id}:estorno"
-            self.breaker.call(self.gateway.refund, key, cobranca.transacao_id, cobranca.valor)
-            with self.store.transaction() as db:
-                db.execute("UPDATE cobranca SET estornado = 1 WHERE order_id = ?", (cobranca.order_id,))
-        return [_evento(cobranca, "estornado", "pedido cancelado")]
+        with self.store.transaction() as db:
+            estornado, por = db.execute(
+                "SELECT estornado, estorno_por FROM cobranca WHERE order_id = ?", (cobranca.order_id,)
+            ).fetchone()
+            if not estornado:
+                key = f"{cobranca.order_id}:estorno"
+                self.breaker.call(self.gateway.refund, key, cobranca.transacao_id, cobranca.valor)
+                db.execute(
+                    "UPDATE cobranca SET estornado = 1, estorno_por = ? WHERE order_id = ?", (via, cobranca.order_id)
+                )
+                por = via
+        return [_evento(cobranca, "estornado", "pedido cancelado")] if por in (via, "") else []
 
     def _get(self, order_id: str) -> Cobranca | None:
         row = self.store.db.execute(f"SELECT {_COLUMNS} FROM cobranca WHERE order_id = ?", (order_id,)).fetchone()
@@ -163,7 +176,11 @@ def start(env: PluginEnv) -> Cobrancas:
         gateway = HttpGateway(config["gateway_url"], config["gateway_api_key"], timeout)
     else:
         raise ConfigError(f'[plugins.pagamento] gateway must be "simulated" or "http", not {kind!r}')
-    return Cobrancas(Store(env.data_dir / "pagamento.sqlite3", SCHEMA), gateway, gateway_breaker)
+    store = Store(env.data_dir / "pagamento.sqlite3", SCHEMA)
+    columns = {row[1] for row in store.db.execute("PRAGMA table_info(cobranca)")}
+    if "estorno_por" not in columns:  # a database made before the column existed
+        store.db.execute("ALTER TABLE cobranca ADD COLUMN estorno_por TEXT NOT NULL DEFAULT ''")
+    return Cobrancas(store, gateway, gateway_breaker)
 
 
 @plugin.on_stop
