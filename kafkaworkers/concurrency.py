@@ -596,20 +596,24 @@ class Dispatcher:
                 del self.lanes[lane]
 
     def revoked(self, partitions: Iterable[TopicPartition], lost: bool = False) -> None:
-        """Revoked partitions: wait a bounded time for their messages, store what finished, leave
-        the rest to the new owner. Lost ones: drop at once (another member owns them already)."""
+        """Revoked partitions: give the messages accepted from them a bounded time to finish,
+        store what finished, leave the rest to the new owner. Lost ones: drop at once
+        (another member owns them already)."""
         tps = {(tp.topic, tp.partition) for tp in partitions} & set(self.tracks)
         if not tps:
             return
-        for tp in tps:
-            self._drop_queued(tp, self.tracks[tp])
         if not lost:
+            # All of what was accepted, not only what runs: a message dropped from a lane would
+            # leave a gap, and the new owner would redo the finished messages after it.
             deadline = time.monotonic() + self.revoke_timeout
-            while any(self.tracks[tp].inflight for tp in tps) and time.monotonic() < deadline:
+            while any(self.tracks[tp].open for tp in tps) and time.monotonic() < deadline:
+                self._start_ready()
                 self.finish_completed(wait=0.01)
                 self.runner.producer.poll(0)
             self._advanced.update(tps)
             self._store()
+        for tp in tps:
+            self._drop_queued(tp, self.tracks[tp])
         abandoned = 0
         for tp in tps:
             abandoned += len(self.tracks.pop(tp).inflight)
