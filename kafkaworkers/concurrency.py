@@ -142,8 +142,12 @@ class _Track:
         return run
 
     def first_unfinished(self) -> int:
-        self.advance()
-        return self.offsets[0] if self.offsets else self.high + 1
+        """Where the partition would be handled from again. Finished offsets are not dropped
+        here: they must still be stored (or, exactly-once, their outputs sent) in order."""
+        for offset in self.offsets:
+            if offset not in self.done:
+                return offset
+        return self.high + 1
 
 
 class _Ack:
@@ -247,8 +251,10 @@ class Dispatcher:
             if route is None:
                 route, due = self._retry_route(msg, tp, offset, track)
                 if due is not None:
+                    # Wait here for this message; what came before it in the partition stays as it is.
                     rewound.add(tp)
-                    self.rewind(tp, due, RETRY_NOT_DUE, quiet=True)
+                    start = min(track.first_unfinished(), offset) if track.offsets else offset
+                    self.rewind(tp, due, RETRY_NOT_DUE, quiet=True, start=start)
                     continue
             track.high = offset
             track.offsets.append(offset)
@@ -565,15 +571,18 @@ class Dispatcher:
         track = self.tracks.get(tp)
         if track is None:
             return
-        if job is not None and not job.finished:
-            # Handled again from the fetch; its running copy's late results are ignored.
+        if job is not None and not job.abandoned:
+            # Handled again from the fetch; its running copy's late results (or, if it had
+            # finished, its other acknowledgements) are ignored.
             job.abandoned = True
             track.inflight.discard(job.offset)
             track.open -= 1
         if start is None:
             start = track.first_unfinished()
         self._drop_queued(tp, track)
-        track.offsets.clear()
+        # What finished before ``start`` stays, to be stored (or sent, exactly-once) in order;
+        # from ``start`` on, the partition is fetched again.
+        track.offsets = deque(offset for offset in track.offsets if offset < start)
         track.high = start - 1
         track.full = False
         if until is None:

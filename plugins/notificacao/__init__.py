@@ -53,8 +53,6 @@ plugin: Plugin[Notificador] = Plugin(
     "notificacao",
     retry=RetryPolicy(delays=(1.0, 5.0, 30.0)),
     description="Tells the customer what happened to the order (log, e-mail, webhook).",
-    # An SMTP or webhook call waits on the network: several at once, in order per order id.
-    concurrency=8,
 )
 # PermanentError is the recipient's answer, not the dependency failing: it must not open the breaker.
 _breakers = {

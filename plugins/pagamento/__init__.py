@@ -150,8 +150,6 @@ plugin: Plugin[Cobrancas] = Plugin(
     produces={PROCESSO_PAGAMENTO: ProcessoPagamento},
     retry=RetryPolicy(delays=(1.0, 10.0, 60.0)),
     description="Charges orders once through the gateway; refunds cancelled ones once.",
-    # A gateway call waits on the network: several at once, in order per order id.
-    concurrency=8,
 )
 
 #: Opens after half of at least five recent calls failed; then probes the gateway every 30 s.
