@@ -306,6 +306,8 @@ class PluginRunner:
             self.partitions.resume_due()
         messages = self._fetch(timeout)
         if not messages:
+            if self.txn is not None and self.txn.due:
+                self.txn.commit()  # a transaction gathering batches: the input went quiet
             return 0
         if self._hook_batch:
             self.host.batch_received(self.plugin, messages)
