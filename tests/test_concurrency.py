@@ -49,6 +49,20 @@ def drive(harness: Harness, condition: Callable[[], object], what: str, timeout:
     wait_for(stepped, timeout, what, interval=0)
 
 
+def setup(
+    transport: MemoryTransport, plugin: Plugin, tmp_path: Any, steps: list[Step], grace: float
+) -> tuple[PluginHost, Settings]:
+    """A host with ``plugin``, settings for workers of it, and ``steps`` waiting on "in", keyed by their key."""
+    host = PluginHost()
+    host.register(plugin, plugin.name)
+    producer = transport.producer({})
+    for step in steps:
+        producer.produce("in", msgspec.json.encode(step), step.key.encode())
+    producer.flush()
+    settings = Settings(bootstrap_servers=f"memory://{plugin.name}", data_dir=str(tmp_path), shutdown_grace=grace)
+    return host, settings
+
+
 def test_messages_of_one_key_are_handled_in_offset_order_and_keys_run_in_parallel(
     kafkaworkers_harness: MakeHarness,
 ) -> None:
@@ -261,13 +275,7 @@ def test_on_revoke_finished_work_is_stored_and_no_message_is_handled_by_two_memb
         with lock:
             ledger.append((threading.current_thread().name.split("_")[0], ctx.partition, ctx.offset))
 
-    host = PluginHost()
-    host.register(plugin, plugin.name)
-    settings = Settings(bootstrap_servers="memory://shared", data_dir=str(tmp_path), shutdown_grace=4.0)
-    producer = transport.producer({})
-    for seq in range(200):
-        producer.produce("in", msgspec.json.encode(Step(f"k{seq % 40}", seq)), f"k{seq % 40}".encode())
-    producer.flush()
+    host, settings = setup(transport, plugin, tmp_path, [Step(f"k{seq % 40}", seq) for seq in range(200)], 4.0)
     first = Worker([plugin], settings, host, transport=transport)
     second = Worker([plugin], settings, host, transport=transport)
     first.start(broker_wait=0)
@@ -305,13 +313,7 @@ def test_shutdown_finishes_what_is_in_flight_within_the_grace_and_stores_it(tmp_
         time.sleep(0.05)
         done.append(step.seq)
 
-    host = PluginHost()
-    host.register(plugin, plugin.name)
-    settings = Settings(bootstrap_servers="memory://stopping", data_dir=str(tmp_path), shutdown_grace=10.0)
-    producer = transport.producer({})
-    for seq in range(4):
-        producer.produce("in", msgspec.json.encode(Step(f"k{seq}", seq)), f"k{seq}".encode())
-    producer.flush()
+    host, settings = setup(transport, plugin, tmp_path, [Step(f"k{seq}", seq) for seq in range(4)], 10.0)
     worker = Worker([plugin], settings, host, transport=transport)
     worker.start(broker_wait=0)
     wait_for(lambda: worker.run_once(timeout=0.005) or worker.runners[0].dispatcher.running == 4, 10, "4 running")
