@@ -99,6 +99,10 @@ class Services:
             "KAFKAWORKERS_GROUP_PREFIX": self.prefix,
             "KAFKAWORKERS_METRICS_PORT": "0",
             "KAFKAWORKERS_LOG_LEVEL": "INFO",
+            # The services that wait on the network run 8 messages at once: every order must
+            # still end once, every charge and notification happen once.
+            "KAFKAWORKERS_PLUGINS__NOTIFICACAO__CONCURRENCY": "8",
+            "KAFKAWORKERS_PLUGINS__PAGAMENTO__CONCURRENCY": "8",
         }
 
     def group(self, plugin: str) -> str:
@@ -292,10 +296,14 @@ def settle(offsets: Offsets, groups: dict[str, list[str]], watcher: Watcher, tim
         watcher.read_to({tp: ends[tp] for tp in watcher.position})
         seen = sum(watcher.copies.values())
         for group, topics in groups.items():
-            mine = {tp: o for tp, o in ends.items() if tp[0] in topics}
-            wait_for(
-                lambda g=group, m=mine: offsets.caught_up(g, m), deadline - time.monotonic(), f"{group} to catch up"
-            )
+            # A plugin's retry topics are read by a group of their own, <group>-retry.
+            retries = {t for t in topics if t.startswith(f"{group}-retry-")}
+            for reader, read in ((group, set(topics) - retries), (f"{group}-retry", retries)):
+                mine = {tp: o for tp, o in ends.items() if tp[0] in read}
+                wait_for(
+                    lambda g=reader, m=mine: offsets.caught_up(g, m), deadline - time.monotonic(),
+                    f"{reader} to catch up",
+                )  # fmt: skip
         watcher.read_to(offsets.ends(watcher.topics))
         if sum(watcher.copies.values()) == seen:
             return rounds
