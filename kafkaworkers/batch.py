@@ -379,13 +379,6 @@ class Batch:
         to the dead-letter topic the next time."""
         txn = self.txn
         assert txn is not None
-        by_consumer: dict[int, tuple[Consumer, dict[TP, int], dict[TP, int]]] = {}
-        for tp, offset in self.first.items():
-            consumer = self.partitions.consumer_of(tp[0])
-            _, first, last = by_consumer.setdefault(id(consumer), (consumer, {}, {}))
-            first[tp] = offset
-            if tp in self.last:
-                last[tp] = self.last[tp]
         if self.refusals:
             for source, kind, topic, err in self.refusals:
                 if err.code() in REFUSED and self.poisoned is not None:
@@ -393,12 +386,9 @@ class Batch:
                     self.poisoned[spot] = MessageTooLarge(
                         f"the broker refused a message to {topic!r} ({kind}): {err.str()}"
                     )
-            for consumer, first, _ in by_consumer.values():
-                txn.consumed(consumer, first, {})  # where the abort rewinds this batch to
-            txn.abort()
+            self._abort_transaction()
             return
-        for consumer, first, last in by_consumer.values():
-            txn.consumed(consumer, first, last)
+        self._stage(txn, commit=True)
         if txn.due:
             txn.commit()
         self.partitions.settled()
@@ -406,13 +396,21 @@ class Batch:
     def _abort_transaction(self) -> None:
         """Abort the transaction with this batch's partitions in it, so all of it is handled again."""
         assert self.txn is not None
-        by_consumer: dict[int, tuple[Consumer, dict[TP, int]]] = {}
+        self._stage(self.txn, commit=False)
+        self.txn.abort()
+
+    def _stage(self, txn: Transactions, commit: bool) -> None:
+        """Add the batch's partitions to the transaction, per consumer: where an abort rewinds
+        them to, and with ``commit`` the offsets the transaction commits."""
+        by_consumer: dict[int, tuple[Consumer, dict[TP, int], dict[TP, int]]] = {}
         for tp, offset in self.first.items():
             consumer = self.partitions.consumer_of(tp[0])
-            by_consumer.setdefault(id(consumer), (consumer, {}))[1][tp] = offset
-        for consumer, first in by_consumer.values():
-            self.txn.consumed(consumer, first, {})
-        self.txn.abort()
+            _, first, last = by_consumer.setdefault(id(consumer), (consumer, {}, {}))
+            first[tp] = offset
+            if commit and tp in self.last:
+                last[tp] = self.last[tp]
+        for consumer, first, last in by_consumer.values():
+            txn.consumed(consumer, first, last)
 
     def _judge_refusals(self, flush: Callable[[], int]) -> None:
         """Dead-letter each message whose output or copy the broker refused for itself; any other

@@ -249,7 +249,7 @@ class Dispatcher:
                 continue  # fetched again after a pause or rewind: already accepted
             route = routes.get(topic)
             if route is None:
-                route, due = self._retry_route(msg, tp, offset, track)
+                route, due = self._retry_route(msg)
                 if due is not None:
                     # Wait here for this message; what came before it in the partition stays as it is.
                     rewound.add(tp)
@@ -291,7 +291,7 @@ class Dispatcher:
                 track.full = True
                 runner.partitions.pause(tp, track.high + 1, float("inf"), BUFFER_FULL, quiet=True)
 
-    def _retry_route(self, msg: Message, tp: TP, offset: int, track: _Track) -> tuple[_Route, float | None]:
+    def _retry_route(self, msg: Message) -> tuple[_Route, float | None]:
         """A retry-topic message's route, and the monotonic time it is due if that is later."""
         runner = self.runner
         headers = parse_headers(msg.headers())
@@ -592,7 +592,8 @@ class Dispatcher:
         self.runner.partitions.pause(tp, start, until, reason, quiet=quiet)
 
     def _drop_queued(self, tp: TP, track: _Track) -> None:
-        for lane in [lane for lane in self.lanes if _lane_tp(lane) == tp]:
+        # A lane's jobs share a partition, and an empty lane is deleted: its head says which.
+        for lane in [lane for lane, queued in self.lanes.items() if queued and queued[0].tp == tp]:
             queued = self.lanes[lane]
             keep = [job for job in queued if lane in self.busy and job is queued[0]]
             for job in queued:
@@ -718,16 +719,6 @@ class EventLoopThread:
 
 
 _UNROUTABLE: Any = object()  # a retry message this plugin has no handler for: dead-lettered
-
-
-def _lane_tp(lane: object) -> TP | None:
-    if isinstance(lane, Job):
-        return lane.tp
-    if isinstance(lane, tuple) and len(lane) == 2 and isinstance(lane[0], tuple):
-        return lane[0]  # (tp, key)
-    if isinstance(lane, tuple):
-        return lane  # a partition lane is the (topic, partition) itself
-    return None
 
 
 async def _awaited(awaitable: Awaitable[None]) -> None:

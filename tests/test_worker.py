@@ -578,7 +578,7 @@ def test_a_short_requested_retry_is_not_held_behind_a_longer_one(kafkaworkers_ha
     assert handled == [(2, 2), (1, 2)]
 
 
-def test_a_requested_delay_beyond_the_longest_retry_waits_the_longest_one(kafkaworkers_harness: MakeHarness) -> None:
+def test_a_requested_delay_beyond_the_longest_retry_waits_the_longest_one() -> None:
     decision = RetryPolicy(delays=(1.0, 10.0), jitter=0.0).decide(Retry(delay=600.0), attempt=1)
     assert (decision.action, decision.delay, decision.level) == ("retry", 10.0, 2)
 
