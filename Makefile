@@ -6,9 +6,11 @@ PY      := $(VENV)/bin/python
 KW      := $(VENV)/bin/kafkaworkers
 STAMP   := $(VENV)/.installed
 BROKER  := bash scripts/kafka/broker.sh
+CLUSTER := bash scripts/kafka/cluster.sh
 LOCAL_BROKER := 127.0.0.1:19092
 
-.PHONY: install demo test unit kafka-up kafka-down kafka-stop kafka-start chaos bench lint clean
+.PHONY: install demo test unit test-cluster kafka-up kafka-down kafka-stop kafka-start kafka-cluster-up kafka-cluster-down \
+	chaos bench lint clean
 
 $(STAMP): pyproject.toml plugins/pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +36,11 @@ test: install
 	    exit $$status; \
 	fi
 
+## The scale-out scenarios (the `cluster` marker; `make test` runs them too): as root, they start
+## their own three brokers and PostgreSQL on a bridge and run the services in network namespaces.
+test-cluster: install
+	$(PY) -m pytest -m cluster tests/cluster $(PYTEST_ARGS)
+
 ## Only the tests that need no broker.
 unit: install
 	$(PY) -m pytest -m 'not kafka' $(PYTEST_ARGS)
@@ -54,6 +61,13 @@ kafka-up:
 kafka-down:
 	$(BROKER) down
 
+## Three brokers in KRaft mode, each a controller too, on 127.0.0.1:29092-29094 (scripts/kafka/cluster.sh).
+kafka-cluster-up:
+	$(CLUSTER) up
+
+kafka-cluster-down:
+	$(CLUSTER) down
+
 ## Stop and start the broker keeping its data (fault tests use the script directly).
 kafka-stop:
 	$(BROKER) stop
@@ -66,5 +80,5 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-clean: kafka-down
+clean: kafka-down kafka-cluster-down
 	rm -rf $(VENV) .cache build *.egg-info

@@ -208,6 +208,26 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+#: Copies of each partition in a cluster large enough; two of them must hold a write.
+MAX_REPLICAS = 3
+REPLICATED_MIN_INSYNC = 2
+
+
+def _replication(admin: Admin, replicas: int | None, min_insync: int | None) -> tuple[int, dict[str, str]]:
+    """The replication factor and topic config to create topics with: the flags, or what the cluster allows."""
+    if replicas is None:
+        replicas = min(MAX_REPLICAS, admin.broker_count())
+    if min_insync is None and replicas >= MAX_REPLICAS:
+        min_insync = REPLICATED_MIN_INSYNC
+    if min_insync is not None and min_insync > replicas:
+        raise click.BadParameter(
+            f"{min_insync} is more than the {replicas} cop{'ies' if replicas > 1 else 'y'} of each partition:"
+            " no write could be acknowledged",
+            param_hint="--min-insync-replicas",
+        )
+    return replicas, {} if min_insync is None else {"min.insync.replicas": str(min_insync)}
+
+
 _format_option = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True, help="Output format."
 )
@@ -229,20 +249,35 @@ def topics() -> None:
 @click.option(
     "--replication-factor",
     type=click.IntRange(1),
-    default=1,
-    show_default=True,
-    help="Copies of each partition (at most the number of brokers).",
+    default=None,
+    help=f"Copies of each partition (at most the number of brokers)  [default: {MAX_REPLICAS}, or one per broker"
+    " in a smaller cluster]",
+)
+@click.option(
+    "--min-insync-replicas",
+    type=click.IntRange(1),
+    default=None,
+    help="Copies that must hold a write before it is acknowledged (at most the replication factor)  [default: 2"
+    " with 3 or more copies, else the broker's]",
 )
 @settings_options
 @click.pass_context
 def topics_create(
-    ctx: click.Context, /, partitions: int, replication_factor: int, config_file: str | None, **overrides: Any
+    ctx: click.Context,
+    /,
+    partitions: int,
+    replication_factor: int | None,
+    min_insync_replicas: int | None,
+    config_file: str | None,
+    **overrides: Any,
 ) -> None:
     """Create every declared topic plus each plugin's retry and dead-letter topics (idempotent).
 
     A topic that already exists is left as it is; one with another partition count than
     asked is flagged, since its keys would not spread (or, for a retry topic, not line up
-    with its source) as the operator expects.
+    with its source) as the operator expects. In a cluster of three or more brokers a topic
+    gets three copies, two of which must hold a write before the producer (``acks=all``) is
+    told it is stored: a broker may then die without losing an acknowledged message.
     """
     host = plugin_host(ctx)
     settings = load_cli_settings(config_file, **overrides)
@@ -251,8 +286,9 @@ def topics_create(
         group = settings.group_for(plugin.name)
         names.update(plugin.subscriptions, plugin.produced, [dlq_topic(group)], retry_topics(group, plugin.retry))
     admin = _admin(settings)
+    replicas, config = _replication(admin, replication_factor, min_insync_replicas)
     before = admin.list_topics()
-    result = admin.create_topics([(n, partitions, replication_factor) for n in sorted(names)])
+    result = admin.create_topics([(n, partitions, replicas) for n in sorted(names)], config)
     mismatched = 0
     for name, status in sorted(result.items()):
         count = before.get(name, partitions)
@@ -330,7 +366,10 @@ def topics_describe(ctx: click.Context, /, topic: str, fmt: str, config_file: st
         ("Written by", _names(role.writers)),
     ]
     rows += [(f"  {key}", value) for key, value in description.config.items()]
-    click.echo("\n".join(f"{label + ':' if not label.startswith(' ') else label:<14}{value}" for label, value in rows))
+    # A config key may be longer than the labels: its value still stands apart.
+    width = max(14, *(len(label) + 1 for label, _ in rows))
+    lines = (f"{label + ':' if not label.startswith(' ') else label:<{width}}{value}" for label, value in rows)
+    click.echo("\n".join(lines))
     if not description.config:
         click.echo(f"{'Config:':<14}broker defaults")
 

@@ -131,6 +131,10 @@ class Admin(Protocol):
         """Every topic with its partition count."""
         ...
 
+    def broker_count(self, timeout: float = 10.0) -> int:
+        """How many brokers the cluster has: how many copies a partition can have."""
+        ...
+
     def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
         """Partitions, replication and own config of a topic; None if it does not exist."""
         ...

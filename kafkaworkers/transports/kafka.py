@@ -59,6 +59,9 @@ class KafkaAdmin:
         metadata = self._metadata(None, timeout)
         return {name: len(t.partitions) for name, t in metadata.topics.items() if not name.startswith("__")}
 
+    def broker_count(self, timeout: float = 10.0) -> int:
+        return len(self._metadata(None, timeout).brokers)
+
     def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
         topic = self._metadata(name, timeout).topics.get(name)
         if topic is None or topic.error is not None:

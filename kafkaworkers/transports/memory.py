@@ -807,6 +807,10 @@ class MemoryAdmin:
         """Every topic with its partition count."""
         return self._broker.list_topics()
 
+    def broker_count(self, timeout: float = 10.0) -> int:
+        """One: the in-memory broker is a cluster of one."""
+        return 1
+
     def describe_topic(self, name: str, timeout: float = 10.0) -> TopicDescription | None:
         """A topic's partitions; replication is 1 and no topic config is kept here."""
         partitions = self._broker.list_topics().get(name)
