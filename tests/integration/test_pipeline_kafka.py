@@ -16,29 +16,23 @@ every check looks at this test's orders only.
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib
 import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import msgspec
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from kafkaworkers.headers import H_CORRELATION_ID
-from kafkaworkers.producer import produce
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -49,7 +43,6 @@ from kafkaworkers_orders.contracts import (
     TOPICS,
     Cartao,
     Cliente,
-    Event,
     Item,
     PedidoNovo,
     event_id_for,
@@ -59,6 +52,7 @@ from kafkaworkers_orders.reserva import CATALOGUE
 from kafkaworkers_orders.reserva.estoque import Produto, read_catalogue
 from kafkaworkers_orders.scenario import OrderScenario
 from tests.conftest import FAST_GROUP, KW, wait_for
+from tests.judging import Offsets, Watcher, holdings, publish, query, settle, write_catalogue
 
 pytestmark = pytest.mark.kafka
 
@@ -68,14 +62,6 @@ SEED = 20240611
 PIPELINE_TIMEOUT = 180.0
 #: notificacao's default channels: one delivery per (order, kind) on each.
 CHANNELS = ("log",)
-_DECODERS = {topic: msgspec.json.Decoder(typ) for topic, typ in TOPICS.items()}
-_LOG_EVENT = re.compile(r" (\w+): (assigned|revoked|lost) (.+?)(?:; their uncommitted work will be redone)?$", re.M)
-#: What a partition answers while its topic is being created.
-_NOT_READY = {
-    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError._UNKNOWN_PARTITION, KafkaError._TIMED_OUT,
-}  # fmt: skip
-_PARTITION = re.compile(r"([\w.-]+)\[(\d+)\]")
 
 
 # --- the services as processes ---------------------------------------------------------
@@ -133,11 +119,7 @@ class Services:
 
     def holdings(self, label: str) -> set[tuple[str, int]]:
         """The partitions the process holds now, according to its log's assigned/revoked/lost lines."""
-        held: set[tuple[str, int]] = set()
-        for _, action, partitions in _LOG_EVENT.findall(self.log(label)):
-            parts = {(t, int(p)) for t, p in _PARTITION.findall(partitions)}
-            held = held | parts if action == "assigned" else held - parts
-        return held
+        return holdings(self.log(label))
 
     def check_running(self) -> None:
         for label, proc in self.procs.items():
@@ -169,178 +151,6 @@ def services(bootstrap: str, tmp_path: Path) -> Iterator[Services]:
         yield running
     finally:
         running.stop_all()
-
-
-# --- offsets ---------------------------------------------------------------------------
-
-
-class Offsets:
-    """High watermarks and consumer groups' committed offsets on the real broker."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
-        self._readers: dict[str, Any] = {}
-
-    def _reader(self, group: str) -> Any:
-        """A consumer in ``group`` that never subscribes: it reads and commits offsets, never joins."""
-        if group not in self._readers:
-            config = {"bootstrap.servers": self.bootstrap, "group.id": group, "enable.auto.commit": False}
-            self._readers[group] = Consumer(config)
-        return self._readers[group]
-
-    def partitions(self, topics: list[str]) -> list[tuple[str, int]]:
-        metadata = self.admin.list_topics(timeout=15).topics
-        missing = [t for t in topics if t not in metadata]
-        assert not missing, f"topics missing on the broker: {missing}"
-        return [(t, p) for t in topics for p in sorted(metadata[t].partitions)]
-
-    def ends(self, topics: list[str]) -> dict[tuple[str, int], int]:
-        reader = self._reader("pipeline-test-watermarks")
-
-        def high(topic: str, partition: int) -> int:
-            # A topic created a moment ago may not have its leader yet: ask until it has.
-            def answer() -> tuple[int] | None:
-                try:
-                    return (reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)[1],)
-                except KafkaException as exc:
-                    if exc.args[0].code() not in _NOT_READY:
-                        raise
-                    return None
-
-            return wait_for(answer, 30, f"the end of {topic}[{partition}]", interval=0.2)[0]
-
-        return {(t, p): high(t, p) for t, p in self.partitions(topics)}
-
-    def start_at_end(self, groups: dict[str, list[str]]) -> None:
-        """Commit each (new) group's offsets at the current end of its topics, as the demo does."""
-        for group, topics in groups.items():
-            ends = [TopicPartition(t, p, high) for (t, p), high in self.ends(topics).items()]
-            self._reader(group).commit(offsets=ends, asynchronous=False)
-
-    def caught_up(self, group: str, ends: dict[tuple[str, int], int]) -> bool:
-        """Whether ``group`` committed every partition of ``ends`` at or beyond its offset there."""
-        try:
-            committed = self._reader(group).committed([TopicPartition(t, p) for t, p in ends], timeout=15)
-        except KafkaException:
-            return False  # the coordinator is busy; the caller asks again
-        return all(max(tp.offset, 0) >= ends[(tp.topic, tp.partition)] for tp in committed)
-
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-
-
-class Watcher:
-    """Reads topics from their end at creation (assigned, no group) and keeps this test's events."""
-
-    def __init__(self, offsets: Offsets, topics: list[str]) -> None:
-        self.topics = topics
-        self.consumer = Consumer(
-            {"bootstrap.servers": offsets.bootstrap, "group.id": f"pipeline-watch-{uuid.uuid4().hex}",
-             "enable.auto.commit": False}
-        )  # fmt: skip
-        self.position = offsets.ends(topics)
-        self.consumer.assign([TopicPartition(t, p, o) for (t, p), o in self.position.items()])
-        self.orders: set[str] = set()
-        #: Each of this test's events once, by event id; ``copies`` counts every delivery.
-        self.events: dict[str, tuple[str, Event]] = {}
-        self.copies: collections.Counter[str] = collections.Counter()
-        self.foreign = 0
-
-    def poll(self, timeout: float = 0.2) -> list[Any]:
-        """Read what arrived; this test's messages, as they came."""
-        ours = []
-        for msg in self.consumer.consume(1000, timeout):
-            if msg.error() is not None:
-                continue
-            self.position[(msg.topic(), msg.partition())] = msg.offset() + 1
-            try:
-                event = _DECODERS[msg.topic()].decode(msg.value() or b"")
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self.foreign += 1  # another test's poison; never one of these orders
-                continue
-            if event.order_id not in self.orders:
-                self.foreign += 1
-                continue
-            self.events.setdefault(event.event_id, (msg.topic(), event))
-            self.copies[event.event_id] += 1
-            ours.append(msg)
-        return ours
-
-    def read_to(self, ends: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
-        """Read until every watched partition is at or beyond ``ends``."""
-
-        def there() -> bool:
-            self.poll(0.1)
-            return all(self.position[tp] >= ends[tp] for tp in self.position)
-
-        wait_for(there, timeout, "the watcher to read up to the topics' end")
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-def settle(offsets: Offsets, groups: dict[str, list[str]], watcher: Watcher, timeout: float = 120.0) -> int:
-    """Wait until the pipeline is quiet for this test's orders; how many rounds that took.
-
-    A round takes the end of every topic, waits until every group committed up to it (so all
-    it held was handled and what that produced was acknowledged), then reads the watched
-    topics to their new end. A round that saw none of this test's messages beyond the first
-    end proves nothing more can come: everything they could cause is already on the topics.
-    """
-    every_topic = sorted({t for topics in groups.values() for t in topics} | set(watcher.topics))
-    deadline = time.monotonic() + timeout
-    for rounds in range(1, 100):
-        ends = offsets.ends(every_topic)
-        watcher.read_to({tp: ends[tp] for tp in watcher.position})
-        seen = sum(watcher.copies.values())
-        for group, topics in groups.items():
-            # A plugin's retry topics are read by a group of their own, <group>-retry.
-            retries = {t for t in topics if t.startswith(f"{group}-retry-")}
-            for reader, read in ((group, set(topics) - retries), (f"{group}-retry", retries)):
-                mine = {tp: o for tp, o in ends.items() if tp[0] in read}
-                wait_for(
-                    lambda g=reader, m=mine: offsets.caught_up(g, m), deadline - time.monotonic(),
-                    f"{reader} to catch up",
-                )  # fmt: skip
-        watcher.read_to(offsets.ends(watcher.topics))
-        if sum(watcher.copies.values()) == seen:
-            return rounds
-    pytest.fail("the pipeline never went quiet")
-
-
-def publish(
-    bootstrap: str, messages: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]]
-) -> collections.Counter[int]:
-    """Produce (topic, key, value, headers) and wait for every acknowledgement; messages per partition."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
-    partitions: collections.Counter[int] = collections.Counter()
-    errors: list[str] = []
-
-    def delivered(err: Any, msg: Any) -> None:
-        if err is not None:
-            errors.append(err.str())
-        else:
-            partitions[msg.partition()] += 1
-
-    for topic, key, value, headers in messages:
-        produce(producer, topic, value, key, headers, delivered)
-        producer.poll(0)
-    assert producer.flush(30) == 0, "orders still undelivered after 30 s"
-    assert not errors, f"{len(errors)} orders not delivered: {errors[:3]}"
-    return partitions
-
-
-def query(path: Path, sql: str, *params: object) -> list[tuple]:
-    assert path.exists(), f"{path} does not exist"
-    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
-        return db.execute(sql, params).fetchall()
-
-
-def write_catalogue(path: Path, produtos: list[Produto]) -> Path:
-    path.write_bytes(msgspec.json.encode(produtos))
-    return path
 
 
 # --- the tests -------------------------------------------------------------------------
