@@ -313,6 +313,7 @@ def produce(
     failures: list[str] = []
     delivery_errors: list[str] = []
     sent = 0
+    tracing = host.has_impl("kafkaworkers_message_producing")
 
     def on_delivery(err: Any, msg: Any) -> None:
         if err is not None:
@@ -333,6 +334,8 @@ def produce(
             if producer is None:
                 continue
             headers: Headers = [(H_CORRELATION_ID, uuid.uuid4().hex.encode())]
+            if tracing:
+                host.message_producing(None, topic, key, headers)
             send(producer, topic, encoder.encode(value), key, headers, on_delivery)
             producer.poll(0)
     remaining = producer.flush(30) if producer is not None else 0

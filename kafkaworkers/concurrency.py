@@ -317,7 +317,8 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         runner = self.runner
-        ctx = Context(self.plugin, job.msg, job.output, runner.state, job.attempt)
+        send = runner.producing(job.output) if runner._hook_producing else job.output
+        ctx = Context(self.plugin, job.msg, send, runner.state, job.attempt)
         if job.route.asynchronous:
             self.loop.submit(self._run_async(job, ctx))
             return
@@ -329,7 +330,11 @@ class Dispatcher:
         """On a pool thread: the handler, timed; the job goes back to the loop's thread."""
         start = time.perf_counter()
         try:
-            job.route.handler(job.value, ctx)
+            if self.runner._hook_scope:
+                with self.runner.host.message_scope(self.plugin, job.msg):
+                    job.route.handler(job.value, ctx)
+            else:
+                job.route.handler(job.value, ctx)
         except BaseException as exc:  # the loop's thread routes it, as the sync loop does
             job.error = exc
         job.seconds = time.perf_counter() - start
@@ -339,9 +344,16 @@ class Dispatcher:
     async def _run_async(self, job: Job, ctx: Context[Any]) -> None:
         start = time.perf_counter()
         try:
-            pending = job.route.handler(job.value, ctx)
-            if pending is not None:
-                await pending
+            if self.runner._hook_scope:
+                # Entered in this task: the context variables it sets stay with the handler's awaits.
+                with self.runner.host.message_scope(self.plugin, job.msg):
+                    pending = job.route.handler(job.value, ctx)
+                    if pending is not None:
+                        await pending
+            else:
+                pending = job.route.handler(job.value, ctx)
+                if pending is not None:
+                    await pending
         except BaseException as exc:
             job.error = exc
         job.seconds = time.perf_counter() - start

@@ -111,7 +111,7 @@ def run_demo(
             _wait_until(lambda: worker.ready or not thread.is_alive(), time.monotonic() + timeout)
             inputs = list(scenario.generate(count, seed))
             start = time.monotonic()
-            _publish(create_producer(settings, transport=transport), inputs)
+            _publish(create_producer(settings, transport=transport), inputs, host)
             deadline = start + timeout
             while not scenario.finished():
                 if time.monotonic() > deadline:
@@ -149,9 +149,12 @@ def _start_at_end(
             consumer.close()
 
 
-def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+def _publish(producer: Producer, inputs: list[tuple[str, bytes | None, bytes, Headers]], host: PluginHost) -> None:
+    producing = host.has_impl("kafkaworkers_message_producing")
     with progress(inputs, "publishing the demo's orders", length=len(inputs)) as shown:
         for topic, key, value, headers in shown:
+            if producing:  # observers (tracing) may add headers to the input too
+                host.message_producing(None, topic, key, headers)
             produce(producer, topic, value, key, headers)
     if producer.flush(30):
         raise KafkaWorkersError("the demo's orders could not be delivered to the broker within 30 s")

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import click
     from prometheus_client import CollectorRegistry
 
     from kafkaworkers.api import Plugin
     from kafkaworkers.demo import DemoScenario
-    from kafkaworkers.transports import Message, TopicPartition
+    from kafkaworkers.transports import Headers, Message, TopicPartition
     from kafkaworkers.worker import Worker
 
 hookspec = pluggy.HookspecMarker("kafkaworkers")
@@ -104,6 +106,39 @@ def kafkaworkers_batch_received(plugin: Plugin[Any], messages: list[Message]) ->
 
     :param plugin: the worker plugin.
     :param messages: the raw messages (do not keep references after the call).
+    """
+
+
+@hookspec
+def kafkaworkers_message_scope(plugin: Plugin[Any], message: Message) -> AbstractContextManager[object] | None:
+    """Wrap the handler of one decoded message in a context manager (per message; only called if implemented).
+
+    Called and entered just before the handler runs, on the thread or in the task that runs
+    it, and exited when it returns or raises: context variables the scope sets (a tracing
+    span, a logging context) are what the handler and its ``ctx.produce`` calls see. The
+    handler's exception reaches ``__exit__``, which cannot suppress it; one that the scope
+    itself raises is logged and counted like any observer's, never changing the outcome.
+    A message that fails to decode gets no scope, only :func:`kafkaworkers_message_failed`.
+
+    :param plugin: the worker plugin.
+    :param message: the raw message.
+    :return: a context manager, or ``None`` to leave this message alone.
+    """
+
+
+@hookspec
+def kafkaworkers_message_producing(plugin: Plugin[Any] | None, topic: str, key: bytes | None, headers: Headers) -> None:
+    """A message is about to be produced: an observer may add headers (per produced message; if implemented).
+
+    Called by ``ctx.produce`` on the handler's thread or in its task, inside its message scope;
+    and with ``plugin`` ``None`` for what ``kafkaworkers produce`` and ``kafkaworkers demo``
+    publish as input. Not called for the framework's retry and dead-letter copies, which keep
+    the headers of the message they copy.
+
+    :param plugin: the worker plugin whose handler produces, or ``None`` outside any handler.
+    :param topic: the topic it goes to.
+    :param key: its key.
+    :param headers: its headers so far; append ``(name, bytes)`` pairs to add one.
     """
 
 

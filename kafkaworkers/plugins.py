@@ -13,12 +13,14 @@ and ``kafkaworkers plugins`` shows the error.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
 import logging
 import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
@@ -28,11 +30,13 @@ from kafkaworkers.api import Plugin
 from kafkaworkers.errors import PluginError
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     import click
     from prometheus_client import CollectorRegistry
 
     from kafkaworkers.demo import DemoScenario
-    from kafkaworkers.transports import Message, TopicPartition
+    from kafkaworkers.transports import Headers, Message, TopicPartition
     from kafkaworkers.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,20 @@ ENTRY_POINT_GROUP = "kafkaworkers"
 #: Comma-separated entry points that must not be loaded: ``NAME`` (from any distribution)
 #: or ``DISTRIBUTION:NAME`` (one of two distributions that use the same name).
 DISABLE_ENV = "KAFKAWORKERS_DISABLE_PLUGINS"
+
+
+def _tracing_on() -> bool:
+    """OpenTelemetry tracing is on when ``OTEL_TRACES_EXPORTER`` names an exporter and
+    ``OTEL_SDK_DISABLED`` is not ``true`` (the README's Tracing section says why)."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    return exporter not in ("", "none") and os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true"
+
+
+#: Built-in plugins: name -> (module, whether it is switched on). Each is loaded like an
+#: installed plugin (``KAFKAWORKERS_DISABLE_PLUGINS`` applies) through its module's
+#: ``plugin()``, and only when switched on: a feature that is off implements no hook, so it
+#: costs nothing per message.
+BUILTINS: dict[str, tuple[str, Callable[[], bool]]] = {"tracing": ("kafkaworkers.tracing", _tracing_on)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +110,9 @@ class PluginHost:
 
         Never raises for a plugin's fault: an entry point that fails to import, or a name two
         distributions use, is recorded as broken (see :attr:`broken`) and the others load.
+        The built-in plugins that are switched on (:data:`BUILTINS`) load first, the same way.
         """
+        self._load_builtins()
         found: dict[str, list[tuple[importlib.metadata.EntryPoint, PluginInfo]]] = {}
         for dist in importlib.metadata.distributions():
             dist_name = dist.metadata["Name"]
@@ -122,6 +142,22 @@ class PluginHost:
             except PluginError as exc:
                 self._break(info, str(exc).removeprefix(f"plugin {name!r} "))
                 continue
+            self._sources[name] = info
+
+    def _load_builtins(self) -> None:
+        for name, (module, switched_on) in BUILTINS.items():
+            if not switched_on() or _disabled(name, "kafkaworkers") or self._pm.has_plugin(name):
+                continue
+            info = PluginInfo(name, "kafkaworkers", importlib.metadata.version("kafkaworkers"))
+            try:
+                obj = importlib.import_module(module).plugin()
+            except ImportError as exc:
+                self._break(info, f"is switched on but cannot be imported ({exc}); pip install kafkaworkers[otel]")
+                continue
+            except Exception as exc:
+                self._break(info, f"is switched on but failed to load: {type(exc).__name__}: {exc}")
+                continue
+            self.register(obj, name)
             self._sources[name] = info
 
     def register(self, obj: object, name: str | None = None) -> None:
@@ -304,6 +340,13 @@ class PluginHost:
     def batch_received(self, plugin: Plugin[Any], messages: list[Message]) -> None:
         self._observe("kafkaworkers_batch_received", plugin=plugin, messages=messages)
 
+    def message_scope(self, plugin: Plugin[Any], message: Message) -> _Scopes:
+        """Every implementation's scope for one message, entered and exited together (see the hook)."""
+        return _Scopes(self, plugin, message)
+
+    def message_producing(self, plugin: Plugin[Any] | None, topic: str, key: bytes | None, headers: Headers) -> None:
+        self._observe("kafkaworkers_message_producing", plugin=plugin, topic=topic, key=key, headers=headers)
+
     def message_handled(self, plugin: Plugin[Any], message: Message, value: Any) -> None:
         self._observe("kafkaworkers_message_handled", plugin=plugin, message=message, value=value)
 
@@ -315,9 +358,47 @@ class PluginHost:
             try:
                 impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception:
-                log.exception("observer %r failed in %s; the message's outcome is unchanged", impl.plugin_name, hook)
-                if self.on_observer_error is not None:
-                    self.on_observer_error(impl.plugin_name, hook)
+                self.observer_failed(impl.plugin_name, hook)
+
+    def observer_failed(self, plugin: str, hook: str) -> None:
+        """Log the exception being handled as an observer's failure, and count it."""
+        log.exception("observer %r failed in %s; the message's outcome is unchanged", plugin, hook)
+        if self.on_observer_error is not None:
+            self.on_observer_error(plugin, hook)
+
+
+class _Scopes:
+    """The observers' scopes around one handler: each entered and exited on its own, so one that
+    raises is logged and counted and the others, and the handler's outcome, are untouched."""
+
+    __slots__ = ("_entered", "_host", "_message", "_plugin")
+
+    _HOOK = "kafkaworkers_message_scope"
+
+    def __init__(self, host: PluginHost, plugin: Plugin[Any], message: Message) -> None:
+        self._host = host
+        self._plugin = plugin
+        self._message = message
+        self._entered: list[tuple[str, Any]] = []
+
+    def __enter__(self) -> None:
+        for impl in self._host._pm.hook.kafkaworkers_message_scope.get_hookimpls():
+            try:
+                args = {"plugin": self._plugin, "message": self._message}
+                made = impl.function(*[args[name] for name in impl.argnames])
+                scope = cast("AbstractContextManager[object] | None", made)
+                if scope is not None:
+                    scope.__enter__()
+                    self._entered.append((impl.plugin_name, scope))
+            except Exception:
+                self._host.observer_failed(impl.plugin_name, self._HOOK)
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for name, scope in reversed(self._entered):
+            try:
+                scope.__exit__(typ, exc, tb)
+            except Exception:
+                self._host.observer_failed(name, self._HOOK)
 
 
 def hook_names() -> list[str]:

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from kafkaworkers.producer import create_producer, producer_config, shared_produ
 from kafkaworkers.retry import FailureRouter
 from kafkaworkers.supervisor import ENV_INDEX
 from kafkaworkers.transactions import TRANSACTION_TIMEOUT_MS, Transactions, transactional_id
-from kafkaworkers.transports import Consumer, Message, Producer, Transport, transport_for
+from kafkaworkers.transports import Consumer, Headers, Message, Producer, Transport, transport_for
 
 __all__ = ["PluginRunner", "Worker"]
 
@@ -157,6 +158,8 @@ class PluginRunner:
         self._hook_handled = host.has_impl("kafkaworkers_message_handled")
         self._hook_failed = host.has_impl("kafkaworkers_message_failed")
         self._hook_batch = host.has_impl("kafkaworkers_batch_received")
+        self._hook_scope = host.has_impl("kafkaworkers_message_scope")
+        self._hook_producing = host.has_impl("kafkaworkers_message_producing")
         self.concurrency = settings.concurrency_for(plugin.name, plugin.concurrency)
         #: at concurrency > 1, what runs the messages in flight (see :mod:`kafkaworkers.concurrency`)
         self.dispatcher: Dispatcher | None = None
@@ -357,7 +360,8 @@ class PluginRunner:
         """
         routes = self.routes
         plugin = self.plugin
-        send = batch.output
+        send = self.producing(batch.output) if self._hook_producing else batch.output
+        hook_scope = self._hook_scope
         state = self.state
         first = batch.first
         last = batch.last
@@ -405,7 +409,9 @@ class PluginRunner:
                     if waiting is not None and waiting[0] == offset:
                         attempt = waiting[1] + 1
                 duration = route.duration
-                if duration is None:
+                if hook_scope:
+                    self._handle_scoped(route, value, msg, Context(plugin, msg, send, state, attempt))
+                elif duration is None:
                     done = route.handler(value, Context(plugin, msg, send, state, attempt))
                     if route.asynchronous:
                         self.loop.run(done)
@@ -433,6 +439,28 @@ class PluginRunner:
                 if hook_handled:
                     self.host.message_handled(plugin, msg, value)
             last[tp] = offset
+
+    def _handle_scoped(self, route: _Route, value: Any, msg: Message, ctx: Context[Any]) -> None:
+        """Run a handler inside the observers' scope for its message (``kafkaworkers_message_scope``)."""
+        start = time.perf_counter()
+        with self.host.message_scope(self.plugin, msg):
+            done = route.handler(value, ctx)
+            if route.asynchronous:
+                # The event loop's task copies this thread's context variables, the scope's too.
+                self.loop.run(done)
+        if route.duration is not None:
+            route.duration.observe(time.perf_counter() - start)
+
+    def producing(self, send: Callable[..., None]) -> Callable[..., None]:
+        """``send`` that first lets observers add headers to what a handler produces
+        (``kafkaworkers_message_producing``); used only when one implements it."""
+        host, plugin = self.host, self.plugin
+
+        def producing(topic: str, value: bytes | None, key: bytes | None, headers: Headers) -> None:
+            host.message_producing(plugin, topic, key, headers)
+            send(topic, value, key, headers)
+
+        return producing
 
     def _handle_in(self, scope: AbstractContextManager[object], batch: Batch, messages: list[Message]) -> None:
         """:meth:`_handle` inside the plugin's batch scope, producing only after the scope committed.
