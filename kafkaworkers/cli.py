@@ -33,6 +33,7 @@ from kafkaworkers.progress import progress, rate
 from kafkaworkers.samples import sample, schema
 from kafkaworkers.topics import KeyFieldError, check_key_field, message_key, topic_type, topics
 from kafkaworkers.transports import MEMORY_URL, Headers, transport_for
+from kafkaworkers.ui.command import ui
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -425,6 +426,7 @@ cli.add_command(config)
 cli.add_command(schema)
 cli.add_command(sample)
 cli.add_command(topics)
+cli.add_command(ui)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,7 +61,7 @@ import time
 import unicodedata
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -98,9 +98,11 @@ __all__ = [
     "ReplayIncomplete",
     "ReplayReport",
     "ReplayTarget",
+    "already_replayed",
     "dlq",
     "ledger_topic",
     "read_dead_letters",
+    "read_ledger",
     "replay",
 ]
 
@@ -295,7 +297,8 @@ def read_ledger(
     return ledger
 
 
-def _already_replayed(letter: DeadLetter, ledger: dict[str, dict[str, Any]]) -> bool:
+def already_replayed(letter: DeadLetter, ledger: dict[str, dict[str, Any]]) -> bool:
+    """Whether the ledger (:func:`read_ledger`) records this letter as replayed."""
     entry = ledger.get(letter.ref)
     if entry is None:
         return False
@@ -357,6 +360,7 @@ def replay(
     exception: str | None = None,
     since_ms: int | None = None,
     limit: int | None = None,
+    refs: Collection[str] | None = None,
     dry_run: bool = False,
     transport: Transport | None = None,
 ) -> ReplayReport:
@@ -368,6 +372,7 @@ def replay(
     :param exception: only letters whose ``kw-exception`` is this type (full or last dotted name).
     :param since_ms: only letters dead-lettered at or after this time (epoch milliseconds).
     :param limit: replay at most this many.
+    :param refs: only these letters, by :attr:`DeadLetter.ref` (the console's selection).
     :param dry_run: find and count only; publish and record nothing.
     :raises KafkaWorkersError: the group's dead-letter topic, or (``to="group"``) its first
         retry topic, does not exist.
@@ -395,9 +400,11 @@ def replay(
             continue
         if since_ms is not None and letter.timestamp_ms < since_ms:
             continue
+        if refs is not None and letter.ref not in refs:
+            continue
         report.matched += 1
         origin = letter.original_topic
-        if _already_replayed(letter, ledger):
+        if already_replayed(letter, ledger):
             report.already_replayed += 1
         elif origin is None or (to == "original" and origin not in topics):
             # Without a valid origin the retry consumer would find no handler either.
@@ -595,7 +602,7 @@ def dlq_list(
         total = replayed = 0
         for letter in read_dead_letters(settings, source, transport=transport, partitions=topics.get(source, 0)):
             total += 1
-            replayed += _already_replayed(letter, ledger)
+            replayed += already_replayed(letter, ledger)
             row = per_topic[letter.original_topic or _text(letter.header(H_ORIGINAL_TOPIC)) or "?"]
             row["count"] += 1
             row["exceptions"][letter.exception] += 1
@@ -671,13 +678,13 @@ def dlq_show(
     )
     if fmt == "json":
         click.echo(
-            json.dumps([{**d.to_dict(max_bytes), "replayed": _already_replayed(d, ledger)} for d in letters], indent=2)
+            json.dumps([{**d.to_dict(max_bytes), "replayed": already_replayed(d, ledger)} for d in letters], indent=2)
         )
         return
     if not letters:
         click.echo(f"no dead letters in {source}")
     for d in letters:
-        mark = "  (replayed)" if _already_replayed(d, ledger) else ""
+        mark = "  (replayed)" if already_replayed(d, ledger) else ""
         click.echo(f"{d.ref}  {_iso(d.timestamp_ms)}  key={_printable(d.key, 256)}{mark}")
         for name, value in d.headers:
             click.echo(f"  {_printable(name.encode())}: {_printable(value, 1024)}")
