@@ -18,9 +18,11 @@ from kafkaworkers.errors import (
     PermanentError,
     PluginError,
     Retry,
+    StoreConflict,
 )
 from kafkaworkers.hookspecs import hookimpl
 from kafkaworkers.retry import RetryPolicy
+from kafkaworkers.stores import Store, open_store
 
 __all__ = [
     "BrokerUnavailable",
@@ -36,7 +38,10 @@ __all__ = [
     "PluginError",
     "Retry",
     "RetryPolicy",
+    "Store",
+    "StoreConflict",
     "Subscription",
     "__version__",
     "hookimpl",
+    "open_store",
 ]

@@ -79,11 +79,14 @@ class PluginEnv:
     :param name: the plugin's name.
     :param config: the plugin's ``[plugins.<name>]`` settings.
     :param data_dir: a directory for the plugin's databases, created on start.
+    :param database_url: the plugin's ``database_url`` setting: a PostgreSQL database its
+        instances on every host share (see :func:`kafkaworkers.open_store`), or ``None``.
     """
 
     name: str
     config: Mapping[str, Any]
     data_dir: Path
+    database_url: str | None = field(default=None, repr=False)
 
 
 class Context(Generic[S]):

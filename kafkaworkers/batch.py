@@ -28,13 +28,24 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kafkaworkers.clock import Clock
-from kafkaworkers.errors import MessageTooLarge, ProducerFatal
+from kafkaworkers.errors import CircuitOpenError, MessageTooLarge, ProducerFatal, StoreConflict
 from kafkaworkers.producer import produce
 from kafkaworkers.retry import DLQ, OUTPUT, FailureRouter
 from kafkaworkers.transactions import Transactions
 from kafkaworkers.transports import Consumer, Headers, Message, Producer
 
-__all__ = ["BREAKER_OPEN", "REFUSED", "RETRY_IN_PLACE", "RETRY_NOT_DUE", "REWIND", "Batch", "Partitions", "fatal"]
+__all__ = [
+    "BREAKER_OPEN",
+    "REFUSED",
+    "RETRY_IN_PLACE",
+    "RETRY_NOT_DUE",
+    "REWIND",
+    "STORE_CONFLICT",
+    "Batch",
+    "Partitions",
+    "fatal",
+    "pause_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,14 @@ _MAX_REWIND_BACKOFF = 30.0
 
 #: Why a partition is paused.
 RETRY_NOT_DUE, BREAKER_OPEN, REWIND, RETRY_IN_PLACE = "retry not due", "breaker open", "rewind", "retry in place"
+STORE_CONFLICT = "store conflict"
+
+
+def pause_reason(error: CircuitOpenError | StoreConflict) -> str:
+    """Why a handler's failure pauses its partition instead of retrying or dead-lettering it."""
+    if isinstance(error, CircuitOpenError):
+        return f"{BREAKER_OPEN}: {error.breaker!r}"
+    return f"{STORE_CONFLICT}: {error}"
 
 
 class Partitions:

@@ -40,8 +40,15 @@ import msgspec
 from confluent_kafka import KafkaError, TopicPartition
 
 from kafkaworkers.api import Context
-from kafkaworkers.batch import BREAKER_OPEN, REFUSED, RETRY_IN_PLACE, RETRY_NOT_DUE, fatal
-from kafkaworkers.errors import CircuitOpenError, DecodeError, MessageTooLarge, PluginError, ProducerFatal
+from kafkaworkers.batch import REFUSED, RETRY_IN_PLACE, RETRY_NOT_DUE, fatal, pause_reason
+from kafkaworkers.errors import (
+    CircuitOpenError,
+    DecodeError,
+    MessageTooLarge,
+    PluginError,
+    ProducerFatal,
+    StoreConflict,
+)
 from kafkaworkers.headers import H_DUE, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.producer import produce
 from kafkaworkers.retry import DLQ, OUTPUT
@@ -408,8 +415,8 @@ class Dispatcher:
                 runner.host.message_handled(self.plugin, job.msg, job.value)
             for topic, value, key, headers in job.outputs:
                 self._produce(job, topic, value, key, headers, OUTPUT)
-        elif isinstance(error, CircuitOpenError):
-            self.rewind(job.tp, error.retry_at, f"{BREAKER_OPEN}: {error.breaker!r}", job=job)
+        elif isinstance(error, CircuitOpenError | StoreConflict):
+            self.rewind(job.tp, error.retry_at, pause_reason(error), job=job)
             if runner._hook_failed:
                 runner.host.message_failed(self.plugin, job.msg, error, "paused")
             return

@@ -42,6 +42,7 @@ __all__ = [
     "admin_config",
     "load_settings",
     "redact",
+    "redact_url",
     "resolve_settings",
 ]
 
@@ -64,6 +65,8 @@ _GROUP_ID = msgspec.Meta(
 _GROUP_PREFIX = msgspec.Meta(
     max_length=200, pattern=r"^[A-Za-z0-9._-]*$", extra={"allowed": f"at most 200 {_GROUP_CHARS}"}
 )
+_DATABASE_URL = r"^postgres(ql)?://"
+_DATABASE_URL_RULE = msgspec.Meta(pattern=_DATABASE_URL, extra={"allowed": "a postgresql:// URL"})
 _HOST_RULE = "an IP address or host name of this machine (0.0.0.0 or :: for every interface)"
 
 
@@ -80,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     group_id: Annotated[str, _GROUP_ID] | None = None
     group_prefix: Annotated[str, _GROUP_PREFIX] = ""
     data_dir: Annotated[str, msgspec.Meta(min_length=1, extra={"allowed": "a directory path"})] = "data"
+    # Plugin state in PostgreSQL, shared by a service's instances on every host; unset, each
+    # plugin keeps SQLite files under data_dir. A plugin may have its own: [plugins.X] database_url.
+    database_url: Annotated[str, _DATABASE_URL_RULE] | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics_host: Annotated[str, msgspec.Meta(min_length=1, extra={"allowed": _HOST_RULE})] = "127.0.0.1"
@@ -108,6 +114,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         fields = {f: getattr(self, f) for f in self.__struct_fields__}
         for section in _TABLES:
             fields[section] = redact(fields[section])
+        fields["database_url"] = _masked("database_url", self.database_url)
         return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     __str__ = __repr__
@@ -119,6 +126,16 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def plugin_config(self, name: str) -> dict[str, Any]:
         """A plugin's own ``[plugins.<name>]`` table, without the framework's per-plugin settings."""
         return {k: v for k, v in self.plugins.get(name, {}).items() if k not in PER_PLUGIN}
+
+    def database_url_for(self, name: str) -> str | None:
+        """Where a plugin keeps its state: ``[plugins.<name>] database_url``, else ``database_url``."""
+        value = self.plugins.get(name, {}).get("database_url", self.database_url)
+        if value is not None and not (isinstance(value, str) and re.match(_DATABASE_URL, value)):
+            raise ConfigError(
+                f"bad setting [plugins.{name}] database_url={_shown(('database_url',), value)}:"
+                " must be a postgresql:// URL"
+            )
+        return value
 
     def guarantee_for(self, name: str) -> str:
         """A plugin's processing guarantee: ``[plugins.<name>] processing_guarantee``, else the global one."""
@@ -144,7 +161,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 #: Framework settings a ``[plugins.<name>]`` table may set for that plugin alone; the plugin
 #: does not see them in its own configuration.
-PER_PLUGIN = frozenset({"concurrency", "processing_guarantee"})
+PER_PLUGIN = frozenset({"concurrency", "processing_guarantee", "database_url"})
 _MAX_CONCURRENCY = 10_000
 
 _SECTIONS = ("kafka", "consumer", "producer")
@@ -199,7 +216,7 @@ class ResolvedSettings:
     def effective(self) -> list[tuple[str, Any, Source]]:
         """Every setting as ``(dotted name, value, source)``, secrets redacted; tables by their entries."""
         settings = self.settings
-        rows = [(name, getattr(settings, name), self.source(name)) for name in _SIMPLE]
+        rows = [(name, _masked(name, getattr(settings, name)), self.source(name)) for name in _SIMPLE]
         for section in _SECTIONS:
             table = redact(getattr(settings, section))
             rows += [(f"{section}.{prop}", table[prop], self.source(section, prop)) for prop in sorted(table)]
@@ -218,7 +235,21 @@ class ResolvedSettings:
 
 def redact(config: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a configuration with every secret value replaced by ``***`` (nested tables too)."""
-    return {k: REDACTED if _SECRET.search(k) else redact(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+    return {
+        k: REDACTED if _SECRET.search(k) else redact(v) if isinstance(v, Mapping) else _masked(k, v)
+        for k, v in config.items()
+    }
+
+
+def redact_url(url: str) -> str:
+    """A URL with its password replaced by ``***`` (``postgresql://app:***@db:5432/orders``)."""
+    url = re.sub(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", rf"\1:{REDACTED}@", url, flags=re.I)
+    return re.sub(r"([?&]password=)[^&]*", rf"\1{REDACTED}", url, flags=re.I)
+
+
+def _masked(name: str, value: Any) -> Any:
+    """A URL setting's value with its password redacted; any other value as it is."""
+    return redact_url(value) if name.endswith("_url") and isinstance(value, str) else value
 
 
 def is_secret(name: str) -> bool:
@@ -380,6 +411,7 @@ def _shown(key: Key, value: Any) -> str:
     """A value as an error line shows it: bare when plain, quoted when not, redacted when secret."""
     if is_secret(key[-1]):
         return REDACTED
+    value = _masked(key[-1], value)
     if isinstance(value, str) and value and not re.search(r"[\s'\"=]", value):
         return value
     return repr(value)

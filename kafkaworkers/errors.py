@@ -11,7 +11,8 @@
     ├── PermanentError     raised by a handler: retrying cannot help, dead-letter now
     │   └── MessageTooLarge    a produced message is over the producer's message.max.bytes
     ├── ProducerFatal      the producer hit a fatal error: the worker stops, nothing stored
-    └── CircuitOpenError   a circuit breaker refused the call: pause, never retry or dead-letter
+    ├── CircuitOpenError   a circuit breaker refused the call: pause, never retry or dead-letter
+    └── StoreConflict      a state store lost a race or its connection: pause, never retry or dead-letter
 """
 
 from __future__ import annotations
@@ -81,4 +82,20 @@ class CircuitOpenError(KafkaWorkersError):
     def __init__(self, breaker: str, retry_at: float) -> None:
         super().__init__(f"circuit breaker {breaker!r} is open")
         self.breaker = breaker
+        self.retry_at = retry_at
+
+
+class StoreConflict(KafkaWorkersError):
+    """A state store could not finish a transaction for a reason that is not the message's:
+    a deadlock or serialization failure with another instance, or a lost database connection.
+
+    What the transaction wrote is rolled back. The worker pauses the partition, rewinds to
+    this message and handles it again at ``retry_at``; it is neither retried through the
+    retry topics nor dead-lettered, however often it happens.
+
+    :param retry_at: ``time.monotonic()`` value when the message is handled again.
+    """
+
+    def __init__(self, message: str, retry_at: float) -> None:
+        super().__init__(message)
         self.retry_at = retry_at

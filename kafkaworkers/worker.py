@@ -36,12 +36,19 @@ import msgspec
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription
-from kafkaworkers.batch import BREAKER_OPEN, RETRY_IN_PLACE, RETRY_NOT_DUE, Batch, Partitions
+from kafkaworkers.batch import RETRY_IN_PLACE, RETRY_NOT_DUE, Batch, Partitions, pause_reason
 from kafkaworkers.clock import SYSTEM_CLOCK, Clock
 from kafkaworkers.concurrency import Dispatcher, EventLoopThread
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
-from kafkaworkers.errors import BrokerUnavailable, CircuitOpenError, ConfigError, DecodeError, PluginError
+from kafkaworkers.errors import (
+    BrokerUnavailable,
+    CircuitOpenError,
+    ConfigError,
+    DecodeError,
+    PluginError,
+    StoreConflict,
+)
 from kafkaworkers.headers import H_DUE, H_ORIGINAL_TOPIC, number, parse_headers
 from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
@@ -421,9 +428,9 @@ class PluginRunner:
                     if route.asynchronous:
                         self.loop.run(done)
                     duration.observe(perf() - start)
-            except CircuitOpenError as exc:
+            except (CircuitOpenError, StoreConflict) as exc:
                 batch.drop(mark)
-                self.partitions.pause(tp, offset, exc.retry_at, f"{BREAKER_OPEN}: {exc.breaker!r}")
+                self.partitions.pause(tp, offset, exc.retry_at, pause_reason(exc))
                 blocked.add(tp)
                 if self._hook_failed:
                     self.host.message_failed(plugin, msg, exc, "paused")
@@ -665,7 +672,12 @@ class Worker:
             self.host.on_observer_error = self.metrics.observer_failed
         data_root = Path(self.settings.data_dir)
         for plugin in self.plugins:
-            env = PluginEnv(plugin.name, self.settings.plugin_config(plugin.name), data_root / plugin.name)
+            env = PluginEnv(
+                plugin.name,
+                self.settings.plugin_config(plugin.name),
+                data_root / plugin.name,
+                self.settings.database_url_for(plugin.name),
+            )
             try:
                 state = plugin.start(env)
             except Exception as exc:

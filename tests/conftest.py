@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from kafkaworkers.producer import produce
+from tests.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -86,6 +89,23 @@ def bootstrap() -> str:
     except KafkaException as exc:
         pytest.fail(f"no Kafka broker at {servers} ({exc}); start one with `make kafka-up`", pytrace=False)
     return servers
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One PostgreSQL server for the whole run (Debian's postgresql; .ci/run installs it).
+
+    Its directory is made outside pytest's private temporary tree: the server runs as the
+    ``postgres`` user, which must be able to reach it.
+    """
+    base = Path(tempfile.mkdtemp(prefix="kw-pg-"))
+    base.chmod(0o755)
+    server = PgServer(base, port=free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -168,6 +168,24 @@ def test_config_show_prints_each_value_with_its_source_and_no_secret(kwtest: KwT
         assert "hunter2" not in output.stdout + output.stderr
 
 
+def test_a_database_urls_password_never_shows_in_config_show_debug_lines_or_errors(kwtest: KwTest) -> None:
+    env = {
+        "KAFKAWORKERS_DATABASE_URL": "postgresql://app:hunter2@db-1:5432/orders",
+        "KAFKAWORKERS_PLUGINS__RESERVA__DATABASE_URL": "postgresql://stock:s3cret@db-2/orders?password=again",
+    }
+    shown = kwtest.cli("config", "show", "--format", "json", "--log-level", "debug", **env)
+    assert shown.returncode == 0, shown.stderr
+    rows = {row["name"]: row["value"] for row in json.loads(shown.stdout)}
+    assert rows["database_url"] == "postgresql://app:***@db-1:5432/orders", "host and user stay, to check them"
+    assert rows["plugins.reserva.database_url"] == "postgresql://stock:***@db-2/orders?password=***"
+    assert "database_url" in shown.stderr, "the debug lines name the setting"
+    bad = kwtest.cli("config", "show", KAFKAWORKERS_DATABASE_URL="mysql://app:hunter2@db-1/orders")
+    assert bad.returncode != 0 and "database_url" in bad.stderr
+    for output in (shown, bad):
+        for secret in ("hunter2", "s3cret", "again"):
+            assert secret not in output.stdout + output.stderr
+
+
 def test_log_level_debug_adds_debug_lines(kwtest: KwTest) -> None:
     quiet = kwtest.cli("config", "show", "--log-level", "info")
     assert " DEBUG " not in quiet.stderr
