@@ -3,7 +3,8 @@
 In ``processing_guarantee = "exactly_once"`` a worker process has one transactional producer
 (``transactional.id`` = its plugins, host and process index, stable across restarts, so a
 restarted worker fences its zombie at once instead of after ``transaction.timeout.ms``).
-Each batch (or each ``transaction_interval_ms``) is one transaction: the handlers' outputs,
+A transaction holds one batch or, while batches come back full, up to ``transaction_interval_ms``
+of them (the loop commits it as soon as the consumer has caught up): the handlers' outputs,
 the retry-topic copies and dead letters, and the consumed offsets, sent with the consumer
 group's metadata (KIP-447: a member that lost the group is fenced too). A ``read_committed``
 reader sees all of it or none of it.

@@ -50,6 +50,7 @@ from kafkaworkers.errors import (
     StoreConflict,
 )
 from kafkaworkers.headers import H_DUE, H_ORIGINAL_TOPIC, number, parse_headers
+from kafkaworkers.inspect import client_id
 from kafkaworkers.metrics import LAG_STATS_INTERVAL_MS, Metrics, PluginMetrics
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.producer import create_producer, producer_config, shared_producer
@@ -142,6 +143,8 @@ class PluginRunner:
         #: a consumer said no broker answers; cleared by the next message or broker answer
         self.broker_down = False
         callbacks = self._client_callbacks(settings)
+        if "client.id" not in settings.consumer and "client.id" not in settings.kafka:
+            callbacks["client.id"] = client_id()  # `inspect workers` reads host, pid and process from it
         if txn is not None:
             # Offsets commit in the transaction, never by themselves.
             callbacks["enable.auto.commit"] = False
@@ -316,7 +319,7 @@ class PluginRunner:
             self.partitions.resume_due()
         messages = self._fetch(timeout)
         if not messages:
-            if self.txn is not None and self.txn.due:
+            if self.txn is not None and self.txn.open:
                 self.txn.commit()  # a transaction gathering batches: the input went quiet
             return 0
         if self._hook_batch:
@@ -333,6 +336,10 @@ class PluginRunner:
         else:
             self._handle_in(scope, batch, messages)
         batch.finish(flush)
+        if self.txn is not None and self.txn.open and len(messages) < self.batch_size:
+            # Caught up: nothing more is waiting, so gathering further batches would only
+            # hold these outputs back from read_committed readers.
+            self.txn.commit()
         self._publish_counts(len(messages))
         return len(messages)
 
