@@ -26,6 +26,7 @@ from kafkaworkers.config_cli import config
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.headers import H_CORRELATION_ID
+from kafkaworkers.inspect import inspect
 from kafkaworkers.plugins import PluginHost, type_name
 from kafkaworkers.producer import create_producer
 from kafkaworkers.producer import produce as send
@@ -426,6 +427,7 @@ cli.add_command(config)
 cli.add_command(schema)
 cli.add_command(sample)
 cli.add_command(topics)
+cli.add_command(inspect)
 cli.add_command(ui)
 
 

@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, TopicPartition
 __all__ = [
     "Admin",
     "Consumer",
+    "GroupMember",
     "Headers",
     "Message",
     "Producer",
@@ -65,6 +66,9 @@ class Consumer(Protocol):
         on_lost: Callable[[Any, list[TopicPartition]], None] = ...,
     ) -> None: ...
     def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        """Take over newly assigned partitions now (cooperative protocol), from inside ``on_assign``."""
+        ...
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
     def store_offsets(self, *, offsets: list[TopicPartition]) -> None: ...
     def commit(
@@ -117,8 +121,22 @@ class TopicDescription:
     config: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GroupMember:
+    """One member of a consumer group as the group coordinator sees it.
+
+    :param host: the address the broker sees the member connect from.
+    :param partitions: (topic, partition) pairs assigned to it.
+    """
+
+    member_id: str
+    client_id: str
+    host: str
+    partitions: list[tuple[str, int]] = field(default_factory=list)
+
+
 class Admin(Protocol):
-    """Topic administration, reduced to what ``kafkaworkers topics`` needs."""
+    """Topic and group administration, reduced to what ``kafkaworkers topics`` and ``inspect`` need."""
 
     def create_topics(
         self, topics: Sequence[tuple[str, int, int]], config: Mapping[str, str] | None = None
@@ -141,6 +159,10 @@ class Admin(Protocol):
 
     def delete_topics(self, names: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
         """Delete topics; map each name to "deleted" or "missing"."""
+        ...
+
+    def describe_groups(self, groups: Sequence[str], timeout: float = 10.0) -> dict[str, list[GroupMember]]:
+        """The members of each consumer group; a group without members (or unknown) maps to []."""
         ...
 
 

@@ -11,7 +11,7 @@ import confluent_kafka
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, NewTopic, ResourceType
 
 from kafkaworkers.errors import BrokerUnavailable
-from kafkaworkers.transports import Consumer, Producer, TopicDescription
+from kafkaworkers.transports import Consumer, GroupMember, Producer, TopicDescription
 
 __all__ = ["KafkaAdmin", "KafkaTransport", "unreachable"]
 
@@ -93,6 +93,29 @@ class KafkaAdmin:
                 if err.code() != confluent_kafka.KafkaError.UNKNOWN_TOPIC_OR_PART:
                     raise BrokerUnavailable(f"cannot delete topic {name!r}: {err.str()}") from None
                 result[name] = "missing"
+        return result
+
+    def describe_groups(self, groups: Sequence[str], timeout: float = 10.0) -> dict[str, list[GroupMember]]:
+        if not groups:
+            return {}
+        result: dict[str, list[GroupMember]] = {}
+        for group, future in self._client.describe_consumer_groups(list(groups), request_timeout=timeout).items():
+            try:
+                description = future.result(timeout)
+            except confluent_kafka.KafkaException as exc:
+                if exc.args[0].code() == confluent_kafka.KafkaError.GROUP_ID_NOT_FOUND:
+                    result[group] = []
+                    continue
+                raise BrokerUnavailable(f"cannot describe group {group!r}: {_reason(exc)}") from None
+            result[group] = [
+                GroupMember(
+                    member.member_id,
+                    member.client_id,
+                    member.host,
+                    sorted((tp.topic, tp.partition) for tp in member.assignment.topic_partitions),
+                )
+                for member in description.members
+            ]
         return result
 
     def _metadata(self, topic: str | None, timeout: float) -> Any:

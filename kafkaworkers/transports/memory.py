@@ -32,6 +32,7 @@ import random
 import re
 import threading
 import time
+import uuid
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -48,7 +49,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from kafkaworkers.transports import Message, TopicDescription
+from kafkaworkers.transports import GroupMember, Message, TopicDescription
 
 __all__ = ["MemoryAdmin", "MemoryBroker", "MemoryConsumer", "MemoryMessage", "MemoryProducer",
            "MemoryTransport", "murmur2"]
@@ -388,6 +389,8 @@ class MemoryConsumer:
         self.group_id: str = config.get("group.id") or ""
         if not self.group_id:
             raise ValueError("Failed to create consumer: group.id must be set")
+        self.client_id = str(config.get("client.id", "rdkafka"))
+        self.member_id = f"{self.client_id}-{uuid.uuid4()}"
         reset = str(config.get("auto.offset.reset", "latest")).lower()
         if reset not in _RESETS:
             raise _invalid("auto.offset.reset", reset)
@@ -448,6 +451,10 @@ class MemoryConsumer:
             self._position = {(tp.topic, tp.partition): self._start((tp.topic, tp.partition), tp.offset)
                               for tp in partitions}
             self._cond.notify_all()
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        """Nothing to do: ``on_assign`` runs once the partitions are taken over already."""
+        self._check()
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         """Up to ``num_messages`` records, round-robin over the assigned, unpaused partitions,
@@ -819,6 +826,17 @@ class MemoryAdmin:
     def delete_topics(self, names: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
         """Delete topics; map each name to "deleted" or "missing"."""
         return {name: "deleted" if self._broker.delete_topic(name) else "missing" for name in names}
+
+    def describe_groups(self, groups: Sequence[str], timeout: float = 10.0) -> dict[str, list[GroupMember]]:
+        """Each group's members with what they own; the host is the in-memory broker's own name."""
+        with self._broker._cond:
+            return {
+                group: [
+                    GroupMember(member.member_id, member.client_id, "memory", sorted(member._owned))
+                    for member in self._broker._groups.get(group, [])
+                ]
+                for group in groups
+            }
 
 
 class MemoryTransport:
