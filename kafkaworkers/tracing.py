@@ -124,7 +124,7 @@ class Tracing:
     def kafkaworkers_worker_started(self, worker: Worker) -> None:
         for runner in worker.runners:
             self._groups[runner.plugin.name] = runner.group
-        self.tracer(",".join(p.name for p in worker.plugins) or "kafkaworkers")
+        self.tracer(",".join(sorted(p.name for p in worker.plugins)) or "kafkaworkers")
 
     @hookimpl
     def kafkaworkers_worker_stopping(self, worker: Worker) -> None:
