@@ -302,16 +302,21 @@ def _wait_ready(broker: Broker, in_topic: str, out_topic: str, start_out: dict[i
 
 
 def _drain(broker: Broker, out_topic: str, start_out: dict[int, int], prefix: str, expected: int) -> None:
-    """Wait until ``expected`` outputs of this load are on the topic (or the drain timeout)."""
+    """Wait until ``expected`` orders of this load have an output on the topic (or the drain timeout).
+
+    Orders, not messages: picking writes two per order (iniciado, concluido), and counting
+    messages ended the wait when half of the orders were through.
+    """
     deadline = time.monotonic() + DRAIN_TIMEOUT
     needle = b'"' + prefix.encode()  # an order id that starts with the prefix (not the warm-up order)
-    seen = 0
+    decode = msgspec.json.Decoder(_OrderId).decode
+    seen: set[str] = set()
     consumer = _assigned(broker, out_topic, start_out)
     try:
-        while seen < expected and time.monotonic() < deadline:
+        while len(seen) < expected and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
                 if msg.error() is None and msg.value() and needle in msg.value():
-                    seen += 1
+                    seen.add(decode(msg.value()).order_id)
     finally:
         consumer.close()
 

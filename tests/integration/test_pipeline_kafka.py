@@ -85,8 +85,9 @@ class Services:
             "KAFKAWORKERS_GROUP_PREFIX": self.prefix,
             "KAFKAWORKERS_METRICS_PORT": "0",
             "KAFKAWORKERS_LOG_LEVEL": "INFO",
-            # The services that wait on the network run 8 messages at once: every order must
-            # still end once, every charge and notification happen once.
+            # The services that wait on the network run 8 messages at once (their defaults, said
+            # here so the test covers it whatever the defaults become): every order must still
+            # end once, every charge and notification happen once.
             "KAFKAWORKERS_PLUGINS__NOTIFICACAO__CONCURRENCY": "8",
             "KAFKAWORKERS_PLUGINS__PAGAMENTO__CONCURRENCY": "8",
         }
