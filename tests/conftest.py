@@ -108,6 +108,15 @@ def pg_server() -> Iterator[PgServer]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Each test on both state backends: SQLite (no URL) and a fresh database of the real PostgreSQL."""
+    if request.param == "sqlite":
+        return None
+    server: PgServer = request.getfixturevalue("pg_server")
+    return server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture
 def kafka(bootstrap: str) -> KafkaHelper:
     return KafkaHelper(bootstrap)

@@ -6,7 +6,8 @@ customer or one card within a time window, a blocklisted e-mail domain or card t
 issued in another country than the shipping one, and an unusual quantity on one line.
 Thresholds and points default to :class:`Regras` and can be set in ``[plugins.fraude]``.
 
-Velocity counts the orders kept in ``<data_dir>/fraude/fraude.sqlite3`` whose ``criado_em``
+Velocity counts the orders kept in the plugin's store (``<data_dir>/fraude/fraude.sqlite3``, or
+the shared PostgreSQL schema ``fraude`` with ``database_url``) whose ``criado_em``
 falls in the window before this one's, so a replay judges an order as it was judged the first
 time rather than by the wall clock. The verdict is stored with the order: a redelivery
 re-publishes it (same event id) and is never counted twice.
@@ -20,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
-from kafkaworkers import ConfigError, Context, Plugin, PluginEnv
+from kafkaworkers import ConfigError, Context, Plugin, PluginEnv, Store, open_store
 from kafkaworkers_orders.contracts import (
     FRAUDE_VERIFICADO,
     PEDIDO_NOVO,
@@ -29,7 +30,6 @@ from kafkaworkers_orders.contracts import (
     event_id_for,
     reais,
 )
-from kafkaworkers_orders.store import Store
 
 __all__ = ["Analises", "Regras", "Veredito", "avaliar", "plugin", "reais"]
 
@@ -38,7 +38,7 @@ CREATE TABLE IF NOT EXISTS analise (
     order_id TEXT PRIMARY KEY,
     cliente_id TEXT NOT NULL,
     cartao TEXT NOT NULL,
-    criado_em REAL NOT NULL,
+    criado_em DOUBLE PRECISION NOT NULL,
     fraude INTEGER NOT NULL,
     score INTEGER NOT NULL,
     motivos TEXT NOT NULL
@@ -165,18 +165,25 @@ class Analises:
             veredito = avaliar(
                 pedido, self.regras, recentes("cliente_id", pedido.cliente.id), recentes("cartao", pedido.cartao.token)
             )
-            db.execute(
-                "INSERT INTO analise VALUES (?, ?, ?, ?, ?, ?, ?)",
+            # Another instance judging the same order at once (a partition moving) inserts first:
+            # its verdict stands, and this one reads it back.
+            stored = db.execute(
+                "INSERT INTO analise VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
                 (
                     pedido.order_id,
                     pedido.cliente.id,
                     pedido.cartao.token,
                     fim,
-                    veredito.fraude,
+                    int(veredito.fraude),
                     veredito.score,
                     json.dumps(veredito.motivos),
                 ),
-            )
+            ).fetchone()
+            if stored is None:
+                fraude, score, motivos = db.execute(
+                    "SELECT fraude, score, motivos FROM analise WHERE order_id = ?", (pedido.order_id,)
+                ).fetchone()
+                return Veredito(bool(fraude), score, json.loads(motivos))
         return veredito
 
 
@@ -189,7 +196,7 @@ plugin: Plugin[Analises] = Plugin(
 
 @plugin.on_start
 def start(env: PluginEnv) -> Analises:
-    return Analises(Store(env.data_dir / "fraude.sqlite3", SCHEMA), Regras.from_config(env.config))
+    return Analises(open_store(env, "fraude", SCHEMA), Regras.from_config(env.config))
 
 
 @plugin.on_stop

@@ -2,7 +2,8 @@
 
 Every customer-facing event (order received, payment approved, declined or refunded,
 picking started or done, order cancelled) becomes one notification per configured channel.
-Later events carry no customer, so ``pedido-novo`` stores order id → customer in SQLite; an
+Later events carry no customer, so ``pedido-novo`` stores order id → customer in the plugin's
+store (SQLite, or PostgreSQL shared by every instance with ``database_url``); an
 event that overtakes its order (another topic, another partition) raises
 :class:`~kafkaworkers.Retry` and comes back through ``notificacao-retry-<n>`` (1 s, 5 s, 30 s;
 then the dead-letter topic). SMTP and webhook sends go through the ``smtp`` and ``webhook``
@@ -17,6 +18,12 @@ and recording before sending while skipping ``sending`` rows loses the notificat
 possible duplicate is the lesser harm, and the e-mail Message-ID and the webhook's
 ``Idempotency-Key`` are stable per (order, kind), so a receiver can drop it.
 
+A claim is a lease held by one process for the channels' timeouts plus a margin: while a
+partition moves, the same event may be handled by two instances at once, and the second
+must not resend what the first is sending. It sends only what it could claim, and comes
+back through a retry once the other's lease has run out, sending then only if the first
+died before marking it sent.
+
 Settings (``[plugins.notificacao]``): ``channels`` (default ``["log"]``; also ``"smtp"``,
 ``"webhook"``), ``smtp_host``, ``smtp_port`` (25), ``smtp_from``, ``smtp_starttls``,
 ``smtp_user``, ``smtp_password`` (or the ``NOTIFICACAO_SMTP_PASSWORD`` environment variable),
@@ -26,12 +33,14 @@ Settings (``[plugins.notificacao]``): ``channels`` (default ``["log"]``; also ``
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, Retry, RetryPolicy
+from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, Retry, RetryPolicy, Store, open_store
 from kafkaworkers.errors import CircuitOpenError
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -45,7 +54,6 @@ from kafkaworkers_orders.contracts import (
     reais,
 )
 from kafkaworkers_orders.notificacao.channels import Channel, LogChannel, Notificacao, SmtpChannel, WebhookChannel
-from kafkaworkers_orders.store import Store
 
 __all__ = ["TEXTS", "Notificador", "plugin", "reais"]
 
@@ -53,6 +61,8 @@ plugin: Plugin[Notificador] = Plugin(
     "notificacao",
     retry=RetryPolicy(delays=(1.0, 5.0, 30.0)),
     description="Tells the customer what happened to the order (log, e-mail, webhook).",
+    # An SMTP or webhook call waits on the network: several at once, in order per order id.
+    concurrency=8,
 )
 # PermanentError is the recipient's answer, not the dependency failing: it must not open the breaker.
 _breakers = {
@@ -72,6 +82,9 @@ CREATE TABLE IF NOT EXISTS envios (
     status TEXT NOT NULL CHECK (status IN ('sending', 'sent')),
     attempts INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
+    -- The process sending it (a random id per start) and until when its claim holds (epoch seconds).
+    claimed_by TEXT NOT NULL DEFAULT '',
+    claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
     PRIMARY KEY (order_id, kind, channel)
 );
 """
@@ -154,31 +167,35 @@ class Notificador:
 
     store: Store
     channels: list[Channel]
+    #: How long a claim keeps other processes from sending the same notification.
+    lease: float = 30.0
+    #: This process's claims.
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def notificar(self, order_id: str, kind: str, **facts: str) -> None:
         """Claim, send and mark one notification on every channel not yet marked sent for it."""
-        now = datetime.now(UTC).isoformat()
+        now, stamp = time.time(), datetime.now(UTC).isoformat()
         with self.store.transaction() as db:
             cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
             if cliente is None:
                 raise Retry("customer not known yet")
             db.executemany(
-                "INSERT OR IGNORE INTO envios (order_id, kind, channel, status, updated_at)"
-                " VALUES (?, ?, ?, 'sending', ?)",
-                [(order_id, kind, channel.name, now) for channel in self.channels],
+                "INSERT INTO envios (order_id, kind, channel, status, updated_at)"
+                " VALUES (?, ?, ?, 'sending', ?) ON CONFLICT DO NOTHING",
+                [(order_id, kind, channel.name, stamp) for channel in self.channels],
             )
-            db.execute(
-                "UPDATE envios SET attempts = attempts + 1, updated_at = ?"
-                " WHERE order_id = ? AND kind = ? AND status = 'sending'",
-                (now, order_id, kind),
+            claimed = db.execute(
+                "UPDATE envios SET attempts = attempts + 1, updated_at = ?, claimed_by = ?, claimed_until = ?"
+                " WHERE order_id = ? AND kind = ? AND status = 'sending' AND (claimed_until < ? OR claimed_by = ?)"
+                " RETURNING channel",
+                (stamp, self.owner, now + self.lease, order_id, kind, now, self.owner),
             )
-            pending = {
-                row[0]
-                for row in db.execute(
-                    "SELECT channel FROM envios WHERE order_id = ? AND kind = ? AND status = 'sending'",
-                    (order_id, kind),
-                )
-            }
+            pending = {row[0] for row in claimed.fetchall()}
+            (elsewhere,) = db.execute(
+                "SELECT count(*) FROM envios"
+                " WHERE order_id = ? AND kind = ? AND status = 'sending' AND claimed_by != ?",
+                (order_id, kind, self.owner),
+            ).fetchone()
         nome, email = cliente
         assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
         notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
@@ -205,6 +222,8 @@ class Notificador:
             # An open breaker pauses the partition, a transient error retries, and only when every
             # failure is permanent does the message go to the dead-letter topic.
             raise min(errors, key=lambda e: (not isinstance(e, CircuitOpenError), isinstance(e, PermanentError)))
+        if elsewhere:
+            raise Retry("another instance is sending it; looked at again once its claim ran out", delay=self.lease)
 
     def sent_counts(self, channel: str | None = None) -> dict[str, int]:
         """Deliveries marked sent, per notification kind (one per channel; ``channel`` narrows to one)."""
@@ -217,7 +236,16 @@ class Notificador:
 
 @plugin.on_start
 def start(env: PluginEnv) -> Notificador:
-    return Notificador(Store(env.data_dir / "notificacao.sqlite3", SCHEMA), channels_from(env.config))
+    channels = channels_from(env.config)
+    store = open_store(env, "notificacao", SCHEMA)
+    if store.dialect == "sqlite":
+        columns = {row[1] for row in store.db.execute("PRAGMA table_info(envios)")}
+        if "claimed_by" not in columns:  # a file made before claims were leases
+            store.db.execute("ALTER TABLE envios ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
+            store.db.execute("ALTER TABLE envios ADD COLUMN claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0")
+    # Every channel may take its whole timeout, and the claim must outlast them all.
+    lease = float(env.config.get("timeout", 10.0)) * len(channels) + 5.0
+    return Notificador(store, channels, lease)
 
 
 @plugin.on_stop
@@ -229,7 +257,7 @@ def stop(notificador: Notificador) -> None:
 def pedido_novo(pedido: PedidoNovo, ctx: Context[Notificador]) -> None:
     with ctx.state.store.transaction() as db:
         db.execute(
-            "INSERT OR IGNORE INTO clientes (order_id, nome, email) VALUES (?, ?, ?)",
+            "INSERT INTO clientes (order_id, nome, email) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (pedido.order_id, pedido.cliente.nome, pedido.cliente.email),
         )
     ctx.state.notificar(pedido.order_id, "pedido_recebido", valor=reais(pedido.total_centavos))

@@ -9,10 +9,11 @@ charge made pagamento the slowest service of the pipeline. Declines are results,
 exceptions, so they never trip the breaker.
 
 Exactly-once money movement rests on two keys. The gateway call cannot share a transaction
-with SQLite, so the charge's idempotency key is the order id (the refund's, the order id plus
-``:estorno``): a crash after the gateway charged but before ``cobranca`` recorded it charges
-nothing new on redelivery. Once recorded, a redelivered order re-publishes the recorded
-outcome, with the same event id, without calling the gateway.
+with the store, so the charge's idempotency key is the order id (the refund's, the order id
+plus ``:estorno``): a crash after the gateway charged but before ``cobranca`` recorded it, or
+two instances handling the same order while its partition moves, charges nothing new. Once
+recorded, a redelivered order re-publishes the recorded outcome, with the same event id,
+without calling the gateway.
 
 A cancellation can overtake its order (the topics are not ordered with each other); it is
 recorded, so the late order is never charged, and a charge that raced it is refunded.
@@ -23,7 +24,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
-from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, RetryPolicy
+from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, RetryPolicy, Store, open_store
 from kafkaworkers.breaker import CircuitBreaker
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -34,8 +35,7 @@ from kafkaworkers_orders.contracts import (
     ProcessoPagamento,
     event_id_for,
 )
-from kafkaworkers_orders.pagamento.gateway import Gateway, GatewayError, HttpGateway, SimulatedGateway
-from kafkaworkers_orders.store import Store
+from kafkaworkers_orders.pagamento.gateway import LEDGER, Gateway, GatewayError, HttpGateway, SimulatedGateway
 
 __all__ = ["Cobrancas", "GatewayError", "gateway_breaker", "plugin"]
 
@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS cobranca (
     status TEXT CHECK (status IN ('aprovado', 'recusado')),
     transacao_id TEXT NOT NULL DEFAULT '',
     motivo TEXT NOT NULL DEFAULT '',
-    valor INTEGER NOT NULL DEFAULT 0,
+    valor BIGINT NOT NULL DEFAULT 0,
     cancelado INTEGER NOT NULL DEFAULT 0,
     estornado INTEGER NOT NULL DEFAULT 0,
     -- Which message's handling refunded it (pedido-novo or pedido-cancelado): only that one
@@ -118,10 +118,20 @@ class Cobrancas:
             if not estornado:
                 key = f"{cobranca.order_id}:estorno"
                 self.breaker.call(self.gateway.refund, key, cobranca.transacao_id, cobranca.valor)
-                db.execute(
-                    "UPDATE cobranca SET estornado = 1, estorno_por = ? WHERE order_id = ?", (via, cobranca.order_id)
-                )
-                por = via
+                # Conditional: of two messages refunding at once (here or on another instance),
+                # only the one whose update changed the row announces it; the gateway's
+                # idempotency key made both calls one refund.
+                mine = db.execute(
+                    "UPDATE cobranca SET estornado = 1, estorno_por = ? WHERE order_id = ? AND estornado = 0"
+                    " RETURNING estorno_por",
+                    (via, cobranca.order_id),
+                ).fetchone()
+                if mine is None:
+                    (por,) = db.execute(
+                        "SELECT estorno_por FROM cobranca WHERE order_id = ?", (cobranca.order_id,)
+                    ).fetchone()
+                else:
+                    por = via
         return [_evento(cobranca, "estornado", "pedido cancelado")] if por in (via, "") else []
 
     def _get(self, order_id: str) -> Cobranca | None:
@@ -150,13 +160,22 @@ plugin: Plugin[Cobrancas] = Plugin(
     produces={PROCESSO_PAGAMENTO: ProcessoPagamento},
     retry=RetryPolicy(delays=(1.0, 10.0, 60.0)),
     description="Charges orders once through the gateway; refunds cancelled ones once.",
+    # A gateway call waits on the network: several at once, in order per order id.
+    concurrency=8,
 )
 
 #: Opens after half of at least five recent calls failed; then probes the gateway every 30 s.
 gateway_breaker = plugin.breaker(
     # A declined card returns normally and a rejected request (4xx) raises PermanentError:
     # both are answers from a healthy gateway, so neither counts towards opening the breaker.
-    "gateway", failure_rate=0.5, window=20, min_calls=5, wait=30.0, probes=2, timeout=None, ignore=(PermanentError,)
+    "gateway",
+    failure_rate=0.5,
+    window=20,
+    min_calls=5,
+    wait=30.0,
+    probes=2,
+    timeout=None,
+    ignore=(PermanentError,),
 )
 
 
@@ -167,17 +186,18 @@ def start(env: PluginEnv) -> Cobrancas:
     kind = config.get("gateway", "simulated")
     gateway: Gateway
     if kind == "simulated":
-        gateway = SimulatedGateway(env.data_dir / "gateway.sqlite3", timeout=timeout)
+        gateway = SimulatedGateway(open_store(env, "gateway", LEDGER), timeout=timeout)
     elif kind == "http":
         if not config.get("gateway_url") or not config.get("gateway_api_key"):
             raise ConfigError('[plugins.pagamento] gateway = "http" needs gateway_url and gateway_api_key')
         gateway = HttpGateway(config["gateway_url"], config["gateway_api_key"], timeout)
     else:
         raise ConfigError(f'[plugins.pagamento] gateway must be "simulated" or "http", not {kind!r}')
-    store = Store(env.data_dir / "pagamento.sqlite3", SCHEMA)
-    columns = {row[1] for row in store.db.execute("PRAGMA table_info(cobranca)")}
-    if "estorno_por" not in columns:  # a database made before the column existed
-        store.db.execute("ALTER TABLE cobranca ADD COLUMN estorno_por TEXT NOT NULL DEFAULT ''")
+    store = open_store(env, "pagamento", SCHEMA)
+    if store.dialect == "sqlite":
+        columns = {row[1] for row in store.db.execute("PRAGMA table_info(cobranca)")}
+        if "estorno_por" not in columns:  # a file made before the column existed
+            store.db.execute("ALTER TABLE cobranca ADD COLUMN estorno_por TEXT NOT NULL DEFAULT ''")
     return Cobrancas(store, gateway, gateway_breaker)
 
 

@@ -9,22 +9,19 @@ what makes "charge, crash before recording it, charge again" safe. A decline is 
 
 from __future__ import annotations
 
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import msgspec
 
-from kafkaworkers import PermanentError
+from kafkaworkers import PermanentError, Store
 from kafkaworkers_orders.contracts import Cartao
-from kafkaworkers_orders.store import Store
 
-__all__ = ["ChargeResult", "Gateway", "GatewayError", "HttpGateway", "SimulatedGateway"]
+__all__ = ["LEDGER", "ChargeResult", "Gateway", "GatewayError", "HttpGateway", "SimulatedGateway"]
 
 
 class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,18 +49,19 @@ _DECLINES = {
     "tok_sem_saldo": "saldo insuficiente",
 }
 
-_LEDGER = """
+#: The simulated gateway's ledger: one charge and one refund per idempotency key, enforced by the primary keys.
+LEDGER = """
 CREATE TABLE IF NOT EXISTS cobranca (
     chave TEXT PRIMARY KEY,
     status TEXT NOT NULL,
     transacao_id TEXT NOT NULL,
     motivo TEXT NOT NULL,
-    valor INTEGER NOT NULL
+    valor BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS estorno (
     chave TEXT PRIMARY KEY,
     transacao_id TEXT NOT NULL,
-    valor INTEGER NOT NULL
+    valor BIGINT NOT NULL
 );
 """
 _SELECT_CHARGE = "SELECT status, transacao_id, motivo FROM cobranca WHERE chave = ?"
@@ -78,18 +76,18 @@ class SimulatedGateway:
     went through while the caller gave up); any other token is approved.
     Setting :attr:`down` makes every call fail, for taking the gateway down in fault tests.
 
-    :param ledger: the SQLite file of its charges and refunds, keyed by idempotency key.
+    :param ledger: the store of its charges and refunds (tables :data:`LEDGER`), keyed by
+        idempotency key. pagamento's instances on several hosts share one (the PostgreSQL
+        database of ``database_url``), as they would share a real gateway.
     :param timeout: how long a ``tok_timeout`` call waits for its lost answer.
     """
 
-    def __init__(self, ledger: Path, timeout: float = 10.0) -> None:
-        self.store = Store(ledger, _LEDGER)
+    def __init__(self, ledger: Store, timeout: float = 10.0) -> None:
+        self.store = ledger
         self.timeout = timeout
         self.down = False
         #: Charge calls per idempotency key, replays included.
         self.charge_calls: Counter[str] = Counter()
-        # One SQLite connection, used from whichever thread calls (the worker's, a test's).
-        self._lock = threading.Lock()
 
     def charge(self, idempotency_key: str, amount_cents: int, card: Cartao) -> ChargeResult:
         self.charge_calls[idempotency_key] += 1
@@ -101,7 +99,7 @@ class SimulatedGateway:
             raise GatewayError("erro no processador do cartão")
         motivo = _DECLINES.get(card.token, "")
         row = ("recusado" if motivo else "aprovado", f"tx_{uuid.uuid4().hex[:16]}", motivo, amount_cents)
-        with self._lock, self.store.transaction() as db:
+        with self.store.transaction() as db:
             # A concurrent call with the same key may have recorded first: its answer stands.
             db.execute("INSERT INTO cobranca VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (idempotency_key, *row))
             status, transacao_id, motivo = db.execute(_SELECT_CHARGE, (idempotency_key,)).fetchone()
@@ -112,33 +110,29 @@ class SimulatedGateway:
 
     def refund(self, idempotency_key: str, transacao_id: str, amount: int) -> None:
         self._check_up()
-        with self._lock, self.store.transaction() as db:
+        with self.store.transaction() as db:
             db.execute(
                 "INSERT INTO estorno VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (idempotency_key, transacao_id, amount)
             )
 
     def charges_for(self, order_id: str) -> int:
         """How many charges were made with an order's idempotency key (pagamento uses the order id)."""
-        with self._lock:
-            return self.store.db.execute("SELECT count(*) FROM cobranca WHERE chave = ?", (order_id,)).fetchone()[0]
+        return int(self.store.db.execute("SELECT count(*) FROM cobranca WHERE chave = ?", (order_id,)).fetchone()[0])
 
     def refunds_for(self, transacao_id: str) -> int:
         """How many refunds were made of one charge."""
-        with self._lock:
-            sql = "SELECT count(*) FROM estorno WHERE transacao_id = ?"
-            return self.store.db.execute(sql, (transacao_id,)).fetchone()[0]
+        sql = "SELECT count(*) FROM estorno WHERE transacao_id = ?"
+        return int(self.store.db.execute(sql, (transacao_id,)).fetchone()[0])
 
     def close(self) -> None:
-        with self._lock:
-            self.store.close()
+        self.store.close()
 
     def _check_up(self) -> None:
         if self.down:
             raise GatewayError("gateway indisponível")
 
     def _charge(self, key: str) -> ChargeResult | None:
-        with self._lock:
-            row = self.store.db.execute(_SELECT_CHARGE, (key,)).fetchone()
+        row = self.store.db.execute(_SELECT_CHARGE, (key,)).fetchone()
         return ChargeResult(status=row[0], transacao_id=row[1], motivo=row[2]) if row else None
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Literal, NamedTuple
 
-from kafkaworkers import Context, Plugin, PluginEnv
+from kafkaworkers import Context, Plugin, PluginEnv, Store, open_store
 from kafkaworkers_orders.contracts import (
     FRAUDE_VERIFICADO,
     PEDIDO_CANCELADO,
@@ -32,7 +32,6 @@ from kafkaworkers_orders.contracts import (
     ReservaEstoque,
     event_id_for,
 )
-from kafkaworkers_orders.store import Store
 
 __all__ = ["Juncao", "Sinal", "decidir", "plugin"]
 
@@ -112,7 +111,12 @@ def eventos(
 
 
 class Juncao:
-    """The durable join: one row per order with each outcome as it arrives."""
+    """The durable join: one row per order with each outcome as it arrives.
+
+    With ``database_url`` the rows live in PostgreSQL, shared by every instance, so the join is
+    complete whichever instance receives each outcome: the upsert locks the order's row, and
+    the outcome that arrives second (on any instance) sees the first one's column.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -144,7 +148,7 @@ plugin: Plugin[Juncao] = Plugin(
 
 @plugin.on_start
 def start(env: PluginEnv) -> Juncao:
-    return Juncao(Store(env.data_dir / "picking.sqlite3", SCHEMA))
+    return Juncao(open_store(env, "picking", SCHEMA))
 
 
 @plugin.on_stop

@@ -8,8 +8,17 @@ A handler only appends the event to a SQLite buffer (``buffer.sqlite3``) and ret
 the offset is stored only once the event is durable; the buffer is loaded into DuckDB in
 one transaction per :data:`FLUSH_EVENTS` events or :data:`FLUSH_SECONDS`, at start (what a
 crash left) and at stop. A crash between the DuckDB commit and emptying the buffer loads the
-same events again, which the warehouse ignores by event id. The module is the entry point
-because it implements two hooks: the plugin declaration and the ``report`` command.
+same events again, which the warehouse ignores by event id.
+
+On several hosts (``database_url`` set) relatorios scales instead of keeping one writer:
+every instance appends its events to one table of facts in the shared PostgreSQL schema
+``relatorios_fatos``, once per event id whichever instance received it, and keeps no DuckDB
+file; ``kafkaworkers report`` folds all the facts into an in-memory warehouse and reports
+from it, so the report is complete however the topics' partitions were spread, and an
+instance that dies loses nothing (its uncommitted events are redelivered to another).
+
+The module is the entry point because it implements two hooks: the plugin declaration and
+the ``report`` command.
 """
 
 from __future__ import annotations
@@ -26,11 +35,10 @@ from typing import Any
 import click
 import msgspec
 
-from kafkaworkers import Context, Plugin, PluginEnv, hookimpl
+from kafkaworkers import Context, Plugin, PluginEnv, Store, hookimpl, open_store
 from kafkaworkers.config import load_settings
 from kafkaworkers_orders.contracts import TOPICS, Event
 from kafkaworkers_orders.relatorios.warehouse import FILE_NAME, Warehouse, render
-from kafkaworkers_orders.store import Store
 
 __all__ = ["Relatorios", "kafkaworkers_declare", "kafkaworkers_register_commands", "plugin", "report"]
 
@@ -43,6 +51,15 @@ CREATE TABLE IF NOT EXISTS pendentes (
     recebido_em TEXT NOT NULL
 );
 """
+#: The shared facts (``database_url``): every event once, kept for the report.
+FACTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fatos (
+    event_id TEXT PRIMARY KEY,
+    topico TEXT NOT NULL,
+    valor TEXT NOT NULL,
+    recebido_em TEXT NOT NULL
+);
+"""
 FLUSH_EVENTS = 1000
 FLUSH_SECONDS = 1.0
 
@@ -51,19 +68,25 @@ _decoders = {topic: msgspec.json.Decoder(typ) for topic, typ in TOPICS.items()}
 
 @dataclass
 class Relatorios:
-    """The running plugin's state: the warehouse, the buffer in front of it, and when it was last loaded."""
+    """The running plugin's state: the warehouse, the buffer in front of it, and when it was last loaded.
 
-    warehouse: Warehouse
+    With no warehouse (``database_url`` set), the buffer is the shared table of facts itself.
+    """
+
+    warehouse: Warehouse | None
     buffer: Store
     pending: int = 0
     since: float = 0.0
 
     def buffer_event(self, topic: str, event: Event) -> None:
         """Keep one event durably in the buffer; load the buffer once it is big or old enough."""
+        table = "pendentes" if self.warehouse is not None else "fatos"
         self.buffer.db.execute(
-            "INSERT OR IGNORE INTO pendentes VALUES (?, ?, ?, ?)",
-            (event.event_id, topic, msgspec.json.encode(event), datetime.now(UTC).isoformat()),
+            f"INSERT INTO {table} VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (event.event_id, topic, msgspec.json.encode(event).decode(), datetime.now(UTC).isoformat()),
         )
+        if self.warehouse is None:
+            return
         if self.pending == 0:
             self.since = time.monotonic()
         self.pending += 1
@@ -72,6 +95,8 @@ class Relatorios:
 
     def flush(self) -> int:
         """Load the buffered events into the warehouse; how many were new to it."""
+        if self.warehouse is None:
+            return 0
         sql = "SELECT rowid, topico, valor, recebido_em FROM pendentes ORDER BY rowid"
         rows = self.buffer.db.execute(sql).fetchall()
         new = self.warehouse.record_many(
@@ -91,7 +116,9 @@ plugin: Plugin[Relatorios] = Plugin(
 
 @plugin.on_start
 def start(env: PluginEnv) -> Relatorios:
-    relatorios = Relatorios(Warehouse(env.data_dir / FILE_NAME), Store(env.data_dir / BUFFER_FILE, BUFFER_SCHEMA))
+    if env.database_url:
+        return Relatorios(None, open_store(env, "fatos", FACTS_SCHEMA))
+    relatorios = Relatorios(Warehouse(env.data_dir / FILE_NAME), open_store(env, "buffer", BUFFER_SCHEMA))
     relatorios.flush()
     return relatorios
 
@@ -99,7 +126,8 @@ def start(env: PluginEnv) -> Relatorios:
 @plugin.on_stop
 def stop(relatorios: Relatorios) -> None:
     relatorios.flush()
-    relatorios.warehouse.close()
+    if relatorios.warehouse is not None:
+        relatorios.warehouse.close()
     relatorios.buffer.close()
 
 
@@ -133,14 +161,37 @@ def kafkaworkers_declare() -> Plugin[Relatorios]:
 )
 def report(fmt: str, data_dir: Path | None) -> None:
     """Orders by final state, revenue, fraud and out-of-stock rates, and time to each milestone."""
-    directory = data_dir or Path(load_settings().data_dir) / plugin.name
-    store = Warehouse(directory / FILE_NAME, read_only=True)
-    try:
-        summary: dict[str, Any] = store.summary()
-    finally:
-        store.close()
-    summary["pending_events"] = _pending(directory / BUFFER_FILE)
+    settings = load_settings()
+    directory = data_dir or Path(settings.data_dir) / plugin.name
+    url = settings.database_url_for(plugin.name)
+    summary: dict[str, Any]
+    if url:
+        summary = shared_summary(PluginEnv(plugin.name, {}, directory, url))
+    else:
+        store = Warehouse(directory / FILE_NAME, read_only=True)
+        try:
+            summary = store.summary()
+        finally:
+            store.close()
+        summary["pending_events"] = _pending(directory / BUFFER_FILE)
     click.echo(json.dumps(summary, indent=2) if fmt == "json" else render(summary))
+
+
+def shared_summary(env: PluginEnv) -> dict[str, Any]:
+    """The report of the facts every instance recorded in the shared database, folded in memory."""
+    facts = open_store(env, "fatos", FACTS_SCHEMA)
+    warehouse = Warehouse(Path(":memory:"))
+    try:
+        rows = facts.db.execute("SELECT topico, valor, recebido_em FROM fatos ORDER BY recebido_em").fetchall()
+        warehouse.record_many(
+            (topic, _decoders[topic].decode(value), datetime.fromisoformat(received)) for topic, value, received in rows
+        )
+        summary: dict[str, Any] = warehouse.summary()
+    finally:
+        warehouse.close()
+        facts.close()
+    summary["pending_events"] = 0
+    return summary
 
 
 def _pending(path: Path) -> int:

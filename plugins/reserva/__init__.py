@@ -1,8 +1,9 @@
 """reserva: reserves each new order's stock all-or-nothing, and releases it when the order is cancelled.
 
 Consumes ``pedido-novo`` and ``pedido-cancelado``, publishes ``reserva-estoque``; the stock
-lives in ``<data_dir>/reserva/estoque.sqlite3`` (see :mod:`.estoque`), seeded from the
-catalogue on first start.
+lives in ``<data_dir>/reserva/estoque.sqlite3``, or with ``database_url`` in the PostgreSQL
+schema ``reserva_estoque`` that every instance shares (see :mod:`.estoque`), seeded from the
+catalogue by whichever instance starts first.
 
 Choices:
 
@@ -28,7 +29,7 @@ import click
 import msgspec
 
 from kafkaworkers import Context, Plugin, PluginEnv, hookimpl
-from kafkaworkers.config import load_settings
+from kafkaworkers.config import load_settings, redact_url
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
     PEDIDO_NOVO,
@@ -38,7 +39,7 @@ from kafkaworkers_orders.contracts import (
     ReservaEstoque,
     event_id_for,
 )
-from kafkaworkers_orders.reserva.estoque import DB_FILE, Estoque, read_catalogue
+from kafkaworkers_orders.reserva.estoque import STORE, Estoque, read_catalogue
 
 __all__ = ["kafkaworkers_declare", "kafkaworkers_register_commands", "load_stock", "plugin", "stock"]
 
@@ -53,9 +54,9 @@ plugin: Plugin[Estoque] = Plugin(
 
 @plugin.on_start
 def start(env: PluginEnv) -> Estoque:
-    estoque = Estoque(env.data_dir / DB_FILE)
+    estoque = Estoque.open(env)
     if not estoque.produtos():
-        estoque.carregar(read_catalogue(Path(env.config.get("catalogue", CATALOGUE))))
+        estoque.semear(read_catalogue(Path(env.config.get("catalogue", CATALOGUE))))
     return estoque
 
 
@@ -91,9 +92,9 @@ def _evento(order_id: str, status: str, motivo: str) -> ReservaEstoque:
     )
 
 
-def load_stock(path_to_db: Path, catalogue_json_path: Path) -> int:
+def load_stock(env: PluginEnv, catalogue_json_path: Path) -> int:
     """Set the stock of every product in a catalogue file, adding new ones; how many."""
-    db = Estoque(path_to_db)
+    db = Estoque.open(env)
     try:
         return db.carregar(read_catalogue(catalogue_json_path))
     finally:
@@ -107,8 +108,21 @@ _data_dir = click.option(
 )
 
 
-def _db_path(data_dir: Path | None) -> Path:
-    return (data_dir or Path(load_settings().data_dir) / plugin.name) / DB_FILE
+def _env(data_dir: Path | None) -> PluginEnv:
+    """The plugin's environment as a worker would make it: its data directory or its database."""
+    settings = load_settings()
+    directory = data_dir or Path(settings.data_dir) / plugin.name
+    return PluginEnv(
+        plugin.name, settings.plugin_config(plugin.name), directory, settings.database_url_for(plugin.name)
+    )
+
+
+def _where(env: PluginEnv) -> str:
+    return (
+        f"PostgreSQL schema reserva_estoque ({redact_url(env.database_url)})"
+        if env.database_url
+        else str(env.data_dir / f"{STORE}.sqlite3")
+    )
 
 
 @click.group()
@@ -127,21 +141,22 @@ def stock() -> None:
 @_data_dir
 def load(catalogue: Path, data_dir: Path | None) -> None:
     """Set each listed product's stock to the file's count (new SKUs are added)."""
+    env = _env(data_dir)
     try:
-        count = load_stock(_db_path(data_dir), catalogue)
+        count = load_stock(env, catalogue)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise click.ClickException(f"{catalogue}: not a valid catalogue: {exc}") from None
-    click.echo(f"{count} products loaded into {_db_path(data_dir)}")
+    click.echo(f"{count} products loaded into {_where(env)}")
 
 
 @stock.command()
 @_data_dir
 def show(data_dir: Path | None) -> None:
     """List every product with the units not reserved."""
-    path = _db_path(data_dir)
-    if not path.exists():
-        raise click.ClickException(f"no stock database at {path}; run `kafkaworkers stock load` first")
-    db = Estoque(path)
+    env = _env(data_dir)
+    if not env.database_url and not (env.data_dir / f"{STORE}.sqlite3").exists():
+        raise click.ClickException(f"no stock database at {_where(env)}; run `kafkaworkers stock load` first")
+    db = Estoque.open(env)
     try:
         produtos = db.produtos()
     finally:

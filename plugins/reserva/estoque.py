@@ -1,16 +1,22 @@
-"""Stock and reservations in one SQLite file: reserve an order all-or-nothing, release it once.
+"""Stock and reservations in one store: reserve an order all-or-nothing, release it once.
 
-Every change is one ``BEGIN IMMEDIATE`` transaction, so worker processes sharing the file
-serialise on it. A line is taken with ``UPDATE ... WHERE estoque >= ?`` and its row count
-checked, and ``CHECK (estoque >= 0)`` backs that up: two orders racing for the last unit can
-never both get it. The reserva row is written in the same transaction as the stock it took,
-so an order's outcome is decided once and every later delivery reads it back.
+The store is SQLite on one host or PostgreSQL shared by instances on several (see
+:func:`kafkaworkers.open_store`); the rules hold on both, under any interleaving of instances:
+
+- A line is taken with ``UPDATE ... WHERE estoque >= ?`` and its row count checked (on
+  PostgreSQL the ``WHERE`` is re-checked against a row another transaction just changed), and
+  ``CHECK (estoque >= 0)`` backs that up: two orders racing for the last unit never both get it.
+- The reserva row is inserted in the same transaction as the stock it took, ``ON CONFLICT DO
+  NOTHING``: if another instance decided the same order meanwhile, this one gives its units
+  back and reads that outcome, so an order's stock moves once.
+- A release is ``UPDATE reserva SET status = 'liberado' WHERE status = 'reservado'``: only the
+  transaction that changed the row puts the units back.
+- Lines are locked in SKU order, so two orders never wait on each other's products in a circle.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,19 +25,21 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from kafkaworkers import PluginEnv, Store, open_store
+from kafkaworkers.stores import Connection
 from kafkaworkers_orders.contracts import Cents, Item, Sku
-from kafkaworkers_orders.store import Store
 
-__all__ = ["DB_FILE", "Estoque", "Produto", "Resultado", "read_catalogue"]
+__all__ = ["STORE", "Estoque", "Produto", "Resultado", "read_catalogue"]
 
-DB_FILE = "estoque.sqlite3"
+#: The store's name: ``estoque.sqlite3`` in the data directory, schema ``reserva_estoque`` in PostgreSQL.
+STORE = "estoque"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS produto (
     sku TEXT PRIMARY KEY,
     nome TEXT NOT NULL,
-    preco_centavos INTEGER NOT NULL DEFAULT 0,
-    estoque INTEGER NOT NULL CHECK (estoque >= 0)
+    preco_centavos BIGINT NOT NULL DEFAULT 0,
+    estoque BIGINT NOT NULL CHECK (estoque >= 0)
 );
 -- cancelado: the cancellation came before the order; it must never reserve anything.
 CREATE TABLE IF NOT EXISTS reserva (
@@ -65,10 +73,15 @@ def read_catalogue(path: Path) -> list[Produto]:
 
 
 class Estoque:
-    """The stock database of one reserva process; several may share the file."""
+    """The stock of one reserva process; several, on one host or several, may share the store."""
 
-    def __init__(self, path: Path) -> None:
-        self.store = Store(path, SCHEMA)
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @classmethod
+    def open(cls, env: PluginEnv) -> Estoque:
+        """The stock store of the plugin environment ``env`` (its data directory or database)."""
+        return cls(open_store(env, STORE, SCHEMA))
 
     def close(self) -> None:
         self.store.close()
@@ -82,12 +95,21 @@ class Estoque:
         quantidades: Counter[str] = Counter()
         for item in itens:
             quantidades[item.sku] += item.quantidade
+        select = "SELECT status, motivo FROM reserva WHERE order_id = ?"
         with self.store.transaction() as db:
-            row = db.execute("SELECT status, motivo FROM reserva WHERE order_id = ?", (order_id,)).fetchone()
+            row = db.execute(select, (order_id,)).fetchone()
             if row is None:
+                db.execute("SAVEPOINT reservar")
                 motivo = _take(db, quantidades)
                 row = ("sem_estoque" if motivo else "reservado", motivo)
-                db.execute("INSERT INTO reserva VALUES (?, ?, ?, ?)", (order_id, *row, json.dumps(quantidades)))
+                inserted = db.execute(
+                    "INSERT INTO reserva VALUES (?, ?, ?, ?) ON CONFLICT (order_id) DO NOTHING RETURNING order_id",
+                    (order_id, *row, json.dumps(dict(sorted(quantidades.items())))),
+                ).fetchone()
+                if inserted is None:  # another instance decided this order meanwhile: its outcome stands
+                    db.execute("ROLLBACK TO reservar")
+                    row = db.execute(select, (order_id,)).fetchone()
+                db.execute("RELEASE reservar")
         status, motivo = row
         if status == "cancelado":
             return None
@@ -100,19 +122,38 @@ class Estoque:
         An order cancelled before it was reserved is marked so that it never will be.
         """
         with self.store.transaction() as db:
-            row = db.execute("SELECT status, itens FROM reserva WHERE order_id = ?", (order_id,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO reserva VALUES (?, 'cancelado', '', '{}')", (order_id,))
-                return False
-            status, itens = row
-            if status == "reservado":
+            db.execute(
+                "INSERT INTO reserva VALUES (?, 'cancelado', '', '{}') ON CONFLICT (order_id) DO NOTHING", (order_id,)
+            )
+            released = db.execute(
+                "UPDATE reserva SET status = 'liberado' WHERE order_id = ? AND status = 'reservado' RETURNING itens",
+                (order_id,),
+            ).fetchone()
+            if released is not None:
                 db.executemany(
                     "UPDATE produto SET estoque = estoque + ? WHERE sku = ?",
-                    [(qtd, sku) for sku, qtd in json.loads(itens).items()],
+                    [(qtd, sku) for sku, qtd in sorted(json.loads(released[0]).items())],
                 )
-                db.execute("UPDATE reserva SET status = 'liberado' WHERE order_id = ?", (order_id,))
                 return True
-            return status == "liberado"
+            (status,) = db.execute("SELECT status FROM reserva WHERE order_id = ?", (order_id,)).fetchone()
+            return bool(status == "liberado")
+
+    def semear(self, produtos: Iterable[Produto]) -> int:
+        """Add the products not there yet, leaving every existing one's stock alone; how many were added.
+
+        Instances starting at once may all seed: each product is inserted once, and a later
+        start never resets stock that orders have taken.
+        """
+        rows = [(p.sku, p.nome, p.preco_centavos, p.estoque) for p in produtos]
+        added = 0
+        with self.store.transaction() as db:
+            for row in rows:
+                added += db.execute(
+                    "INSERT INTO produto (sku, nome, preco_centavos, estoque) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (sku) DO NOTHING",
+                    row,
+                ).rowcount
+        return added
 
     def carregar(self, produtos: Iterable[Produto]) -> int:
         """Insert or update products, setting each one's stock to the given count; how many."""
@@ -137,7 +178,7 @@ class Estoque:
         return row[0] if row else None
 
 
-def _take(db: sqlite3.Connection, quantidades: Counter[str]) -> str:
+def _take(db: Connection, quantidades: Counter[str]) -> str:
     """Take every line's units inside the caller's transaction; on the first line that cannot
     be served, put back what was taken and return why (empty when all were taken)."""
     db.execute("SAVEPOINT linhas")

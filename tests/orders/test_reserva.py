@@ -15,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from kafkaworkers import PluginEnv
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers_orders import reserva
 from kafkaworkers_orders.contracts import (
@@ -29,7 +30,7 @@ from kafkaworkers_orders.contracts import (
     ReservaEstoque,
     event_id_for,
 )
-from kafkaworkers_orders.reserva.estoque import DB_FILE, Estoque, Produto
+from kafkaworkers_orders.reserva.estoque import Estoque, Produto
 
 
 def pedido(order_id: str, *itens: tuple[str, int]) -> PedidoNovo:
@@ -181,20 +182,21 @@ def test_the_seed_catalogue_is_loaded_on_first_start_only(kafkaworkers_harness, 
     assert estoque(second).disponivel("CAM-001") == seed["CAM-001"] - 1
 
 
-# --- concurrency: real transactions of separate connections on one file ------------------
+# --- concurrency: real transactions of separate instances, on one file or one PostgreSQL ----
 
 
-def test_four_instances_racing_in_threads_never_oversell(tmp_path: Path) -> None:
-    path = tmp_path / DB_FILE
-    seed = Estoque(path)
-    seed.carregar(
-        [Produto(sku="CAM-001", nome="Camiseta", estoque=10), Produto(sku="TEN-001", nome="Tênis", estoque=15)]
-    )
+TWO = [Produto(sku="CAM-001", nome="Camiseta", estoque=10), Produto(sku="TEN-001", nome="Tênis", estoque=15)]
+
+
+def test_four_instances_racing_in_threads_never_oversell(tmp_path: Path, database_url: str | None) -> None:
+    env = PluginEnv("reserva", {}, tmp_path, database_url)
+    seed = Estoque.open(env)
+    seed.carregar(TWO)
     start = threading.Barrier(4)
 
     def buy(worker: int) -> list[str]:
-        # One connection per thread, as each reserva process has its own.
-        db = Estoque(path)
+        # A store of its own per thread, as each reserva instance has.
+        db = Estoque.open(env)
         start.wait()
         try:
             itens = pedido("x", ("CAM-001", 1), ("TEN-001", 1)).itens
@@ -209,20 +211,64 @@ def test_four_instances_racing_in_threads_never_oversell(tmp_path: Path) -> None
     assert (seed.disponivel("CAM-001"), seed.disponivel("TEN-001")) == (0, 5)
 
 
-def _buy_in_process(path: str, prefix: str, orders: int, start: Any) -> None:
-    db = Estoque(Path(path))
+def test_the_same_order_reserved_and_released_by_two_instances_at_once_moves_stock_once(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    """As when a partition moves mid-batch: both instances handle each order and its cancellation."""
+    env = PluginEnv("reserva", {}, tmp_path, database_url)
+    seed = Estoque.open(env)
+    seed.carregar(TWO)
+    instances = [Estoque.open(env) for _ in range(2)]
+    start = threading.Barrier(2)
+    itens = pedido("x", ("CAM-001", 1), ("TEN-001", 2)).itens
+
+    def run(db: Estoque) -> tuple[list[str], int]:
+        start.wait()
+        statuses = [db.reservar(f"o{n}", itens).status for n in range(12)]
+        released = sum(db.liberar(f"o{n}") for n in range(12))
+        return statuses, released
+
+    with ThreadPoolExecutor(2) as pool:
+        (a, released_a), (b, released_b) = pool.map(run, instances)
+
+    assert a == b, "both instances read the one outcome of each order"
+    assert a.count("reservado") == 7, "15 units of TEN-001 at 2 an order"
+    assert released_a == released_b == 7, "each says the order's units are released"
+    assert (seed.disponivel("CAM-001"), seed.disponivel("TEN-001")) == (10, 15), "and they came back once"
+    for db in (seed, *instances):
+        db.close()
+
+
+def test_instances_seeding_at_once_seed_once_and_never_reset_taken_stock(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    env = PluginEnv("reserva", {}, tmp_path, database_url)
+    first = Estoque.open(env)
+    assert first.semear(TWO) == 2
+    first.reservar("o1", pedido("o1", ("CAM-001", 4)).itens)
+    later = Estoque.open(env)
+    assert later.semear(TWO) == 0, "a later instance adds nothing"
+    assert later.disponivel("CAM-001") == 6
+    first.close()
+    later.close()
+
+
+def _buy_in_process(data_dir: str, url: str | None, prefix: str, orders: int, start: Any) -> None:
+    db = Estoque.open(PluginEnv("reserva", {}, Path(data_dir), url))
     start.wait()
     for n in range(orders):
         db.reservar(f"{prefix}-{n}", pedido("x", ("CAM-001", 1), ("TEN-001", 1)).itens)
+    db.close()
 
 
-def test_two_processes_racing_for_the_last_units_never_oversell(tmp_path: Path) -> None:
-    path = tmp_path / DB_FILE
-    db = Estoque(path)
+def test_two_processes_racing_for_the_last_units_never_oversell(tmp_path: Path, database_url: str | None) -> None:
+    db = Estoque.open(PluginEnv("reserva", {}, tmp_path, database_url))
     db.carregar([Produto(sku="CAM-001", nome="Camiseta", estoque=20), Produto(sku="TEN-001", nome="Tênis", estoque=25)])
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_buy_in_process, args=(str(path), name, 30, start)) for name in ("a", "b")]
+    procs = [
+        ctx.Process(target=_buy_in_process, args=(str(tmp_path), database_url, name, 30, start)) for name in ("a", "b")
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:

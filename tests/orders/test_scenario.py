@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kafkaworkers import KafkaWorkersError
+from kafkaworkers import KafkaWorkersError, PluginEnv, open_store
 from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -27,7 +27,7 @@ from kafkaworkers_orders.contracts import (
     ReservaEstoque,
 )
 from kafkaworkers_orders.fraude import Regras, avaliar
-from kafkaworkers_orders.pagamento.gateway import SimulatedGateway
+from kafkaworkers_orders.pagamento.gateway import LEDGER, SimulatedGateway
 from kafkaworkers_orders.reserva import CATALOGUE
 from kafkaworkers_orders.reserva.estoque import Estoque, read_catalogue
 from kafkaworkers_orders.scenario import OrderScenario, Planned
@@ -77,7 +77,7 @@ def test_fraud_rules_flag_exactly_the_orders_planned_as_fraud_whatever_the_card_
 
 
 def test_the_gateway_declines_exactly_the_orders_planned_as_declined(tmp_path):
-    gateway = SimulatedGateway(tmp_path / "gateway.sqlite3")
+    gateway = SimulatedGateway(open_store(PluginEnv("pagamento", {}, tmp_path), "gateway", LEDGER))
     try:
         for p in plan(100):
             result = gateway.charge(p.pedido.order_id, p.pedido.total_centavos, p.pedido.cartao)
@@ -91,7 +91,7 @@ def test_stock_runs_out_exactly_for_the_planned_orders_in_any_arrival_order(tmp_
     scenario = OrderScenario(run_id="t")
     planned = scenario.plan(count, seed=7)
     random.Random(shuffle_seed).shuffle(planned)
-    estoque = Estoque(tmp_path / "estoque.sqlite3")
+    estoque = Estoque.open(PluginEnv("reserva", {}, tmp_path))
     try:
         estoque.carregar(scenario.stock(count))
         for p in planned:

@@ -19,14 +19,10 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS feito (chave TEXT PRIMARY KEY, n BIGINT NOT
 Opener = Callable[[], Store]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def env(request: pytest.FixtureRequest, tmp_path: Path) -> PluginEnv:
-    """One plugin's environment: a data directory, and for postgresql a fresh database of its own."""
-    url = None
-    if request.param == "postgresql":
-        server: PgServer = request.getfixturevalue("pg_server")
-        url = server.create_database(f"t_{uuid.uuid4().hex[:12]}")
-    return PluginEnv("servico", {}, tmp_path / "servico", url)
+@pytest.fixture
+def env(tmp_path: Path, database_url: str | None) -> PluginEnv:
+    """One plugin's environment: a data directory, or a fresh PostgreSQL database of its own."""
+    return PluginEnv("servico", {}, tmp_path / "servico", database_url)
 
 
 @pytest.fixture
