@@ -208,6 +208,30 @@ def w8_lines(summary: dict[str, dict], kw: str) -> list[str]:
     return lines
 
 
+def w9_lines(summary: dict[str, dict]) -> list[str]:
+    """Tracing on against off, per message size: CPU per message and throughput, as ratios."""
+    lines = []
+    for on, off, what in (
+        ("kw-otel", "kw", "orders (W3)"),
+        ("kw-otel-small", "kw-small", "small (W3-small)"),
+        ("kw-otel-small-1pct", "kw-small", "small, 1% of traces sampled"),
+    ):
+        r = pair_ratios(summary, on, off)
+        if r["rate"] != r["rate"]:
+            lines.append(f"- {what}: did not complete, no ratio.")
+            continue
+        us_on, us_off = (summary[k]["cpu"] / 100_000 * 1e6 for k in (on, off))
+        spans = [run.extra.get("spans", 0) / run.messages for run in summary[on]["ok"] if run.messages]
+        cpu_runs = ", ".join(_fmt(x, 2) for x in r["cpu_runs"])  # type: ignore[attr-defined]
+        lines.append(
+            f"- {what}: CPU per message, tracing on / off: **{_fmt(r['cpu'], 2)}** (medians; per repetition "
+            f"{cpu_runs}), {_fmt(us_on, 1)} against {_fmt(us_off, 1)} us, {_fmt(us_on - us_off, 1)} us per message "
+            f"more; throughput {_fmt(r['rate'], 2)}x; spans received per message "
+            f"{', '.join(_fmt(s, 2) for s in spans) or 'none'}"
+        )
+    return lines
+
+
 def w8_targets(summary: dict[str, dict], kw: str, latency: list[LatencyResult]) -> list[str]:
     """W8's target (throughput >= 0.9x W3) and the latency its default adds, when W8 ran."""
     if "kw-eos" not in summary and not latency:

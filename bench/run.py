@@ -38,6 +38,7 @@ from bench.common import (  # noqa: E402
     Spec,
 )
 from bench.orders import order_stream, payment_stream  # noqa: E402
+from bench.otlp_sink import OtlpSink  # noqa: E402
 from bench.runner import (  # noqa: E402
     Contender,
     RunResult,
@@ -63,6 +64,12 @@ CONTENDERS = [
               module="bench.contenders.raw_pipeline", options={"data": "payments"}),
     Contender("kw-small", "W3-small", "kafkaworkers run, small message (metrics + observer hook on)", kind="kw-cli",
               options={"data": "payments"}),
+    Contender("kw-otel", "W9", "kafkaworkers run, OpenTelemetry tracing on (OTLP/HTTP to a local collector)",
+              kind="kw-cli", options={"tracing": True}),
+    Contender("kw-otel-small", "W9", "kafkaworkers run, small message, tracing on", kind="kw-cli",
+              options={"tracing": True, "data": "payments"}),
+    Contender("kw-otel-small-1pct", "W9", "kafkaworkers run, small message, tracing on, 1% of traces sampled",
+              kind="kw-cli", options={"tracing": True, "data": "payments", "sampled": "0.01"}),
     Contender("kw-p1", "W7", "kafkaworkers run --processes 1", kind="kw-cli", options={"mode": "w7", "processes": 1}),
     Contender("kw-p2", "W7", "kafkaworkers run --processes 2", kind="kw-cli", options={"mode": "w7", "processes": 2}),
     Contender("kw-off", "W3", "kafkaworkers Worker in-process, metrics off, no hook",
@@ -78,7 +85,7 @@ CONTENDERS = [
     Contender("aiokafka", "peer", "hand-written aiokafka loop", module="bench.contenders.aiokafka_peer",
               venv="aiokafka"),
 ]  # fmt: skip
-WORKLOADS = ("w0", "w1", "w2", "w3", "w3-small", "w4", "peers", "w5", "w6", "w7", "w8", "capacity")
+WORKLOADS = ("w0", "w1", "w2", "w3", "w3-small", "w4", "peers", "w5", "w6", "w7", "w8", "w9", "capacity")
 #: W8's latency rows: the pass-through plugin's spec options for each processing guarantee.
 W8_LATENCY = (
     ("at_least_once", {}),
@@ -182,9 +189,10 @@ def selected(args: argparse.Namespace) -> tuple[set[str], list[Contender]]:
         sys.exit(
             f"bench: unknown contender(s) {', '.join(sorted(set(keys) - known))}; known: {', '.join(sorted(known))}"
         )
-    # W8 is read against W3 of the same run: it brings W3's kafkaworkers run along.
+    # W8 and W9 are read against W3 of the same run: they bring W3's kafkaworkers runs along.
     chosen = [c for c in CONTENDERS + w6_contenders() if (c.key in keys if keys else c.workload.lower() in workloads
-              or (c.workload == "peer" and "peers" in workloads) or (c.key == KW and "w8" in workloads))]  # fmt: skip
+              or (c.workload == "peer" and "peers" in workloads) or (c.key == KW and "w8" in workloads)
+              or (c.key in (KW, "kw-small") and "w9" in workloads))]  # fmt: skip
     return workloads, chosen
 
 
@@ -284,10 +292,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # --- W1-W4 and the peers, interleaved ----------------------------------------
         rotation = [c for c in usable if c.workload not in ("W0", "W6", "W7")]
+        sink = OtlpSink() if any(c.workload == "W9" for c in rotation) else None
         for rep in range(args.reps):
             for c in rotation:
                 topic = topics[c.options.get("data", "orders")]
-                r = run_contender(c, make_spec(c, ws, topic, out, n, f"r{rep}"), ws, rep, timeout)
+                spec = make_spec(c, ws, topic, out, n, f"r{rep}")
+                if sink is not None and c.options.get("tracing"):
+                    spec.options["otlp_endpoint"] = sink.endpoint
+                r = run_contender(c, spec, ws, rep, timeout)
+                if sink is not None and c.options.get("tracing"):
+                    r.extra["spans"] = sink.spans[spec.group]
                 results.append(r)
                 say(_progress(c, r))
                 time.sleep(1.0)  # let the previous process's sockets and the broker settle
@@ -473,6 +487,22 @@ def main(argv: list[str] | None = None) -> int:
                 *report.w8_latency_table(w8_lat),
                 "",
             ]
+    if any(c.workload == "W9" for c in usable):
+        w9 = [c for c in usable if c.key in (KW, "kw-small") or c.workload == "W9"]
+        lines += [
+            "## W9: OpenTelemetry tracing on against off",
+            "",
+            "W3's and W3-small's `kafkaworkers run` with tracing on (`OTEL_TRACES_EXPORTER=otlp`, the `otel` extra): "
+            "a consumer span per order and a producer span per output, the W3C context read from and written into "
+            "the headers, exported in batches over OTLP/HTTP to a collector on the bench's own process (its CPU is "
+            "not the contender's). Interleaved with W3 and W3-small, tracing off, in the same rotation; the window "
+            "closes once the worker has exported its last span. `vs W2` here: against W2.",
+            "",
+            *report.throughput_table(w9, summary, baseline),
+            "",
+            *report.w9_lines(summary),
+            "",
+        ]
     if capacity:
         lines += [
             "## The order pipeline: capacity, and latency at half of it",

@@ -130,6 +130,13 @@ def free_port() -> int:
 def command(c: Contender, spec: Spec, spec_path: Path, ws: Workspace) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that start contender ``c``."""
     env = {**os.environ, Spec.ENV: str(spec_path), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # tracing off unless W9 turns it on
+    if "otlp_endpoint" in spec.options:
+        # W9: tracing on, every span exported to the bench's sink; a queue large enough that none is dropped.
+        env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT=spec.options["otlp_endpoint"],
+                   OTEL_SERVICE_NAME=spec.group, OTEL_BSP_MAX_QUEUE_SIZE="1000000")  # fmt: skip
+        if "sampled" in spec.options:
+            env.update(OTEL_TRACES_SAMPLER="parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG=spec.options["sampled"])
     if c.kind == "kw-cli":
         env["PYTHONPATH"] = os.pathsep.join([str(ws.site), str(ROOT)])
         env["KAFKAWORKERS_DISABLE_PLUGINS"] = ",".join(other_plugins())

@@ -128,10 +128,13 @@ class Tracing:
 
     @hookimpl
     def kafkaworkers_worker_stopping(self, worker: Worker) -> None:
-        """Spans still waiting for an outcome end now; the SDK exports what is queued at exit."""
+        """Spans still waiting for an outcome end now, and what is queued is exported within part of
+        the grace; the SDK exports the spans of what is still in flight when the process exits."""
         for span in self._waiting.values():
             span.end()
         self._waiting.clear()
+        if isinstance(self._provider, TracerProvider):
+            self._provider.force_flush(int(worker.settings.shutdown_grace * 1000 / 4))
 
     # --- consuming ---------------------------------------------------------------------
 
