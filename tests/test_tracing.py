@@ -46,8 +46,10 @@ class Evento(msgspec.Struct):
 
 
 @pytest.fixture
-def exported() -> Iterator[tuple[Tracing, InMemorySpanExporter]]:
-    """A tracing observer whose spans end up, as they end, in an in-memory exporter."""
+def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Tracing, InMemorySpanExporter]]:
+    """A tracing observer whose spans end up, as they end, in an in-memory exporter (and no
+    built-in one from the environment beside it)."""
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -433,12 +435,12 @@ def test_the_demo_exports_its_spans_over_otlp_where_the_OTEL_variables_say(tmp_p
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.server_address[1]}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "KAFKAWORKERS_DATA_DIR": str(tmp_path),
     }
     try:
+        # From an empty directory, so no kafkaworkers.toml of the checkout changes the services' rules.
         done = subprocess.run(
-            [KW, "demo", "--orders", "10", "--timeout", "60"], env=environment, capture_output=True, text=True,
-            timeout=120,
+            [KW, "demo", "--orders", "10", "--timeout", "60"], env=environment, cwd=tmp_path, capture_output=True,
+            text=True, timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
         # The SDK's batch processor exports what is left when the process exits.
