@@ -111,6 +111,50 @@ def test_per_message_hooks_are_reported_only_when_implemented() -> None:
     assert host.has_impl("kafkaworkers_message_handled")
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_message_scope_that_raises_is_counted_and_changes_no_outcome(kafkaworkers_harness, concurrency: int) -> None:
+    plugin = Plugin("p", produces={"out": A}, concurrency=concurrency)
+    entered: list[str] = []
+
+    @plugin.consumes("t")
+    def handle(value: A, ctx: object) -> None:
+        ctx.produce("out", value)  # type: ignore[attr-defined]
+
+    class Scope:
+        def __init__(self, fail: str) -> None:
+            self.fail = fail
+
+        def __enter__(self) -> None:
+            entered.append(self.fail)
+            if self.fail == "enter":
+                raise RuntimeError("enter")
+
+        def __exit__(self, *exc: object) -> None:
+            if self.fail == "exit":
+                raise RuntimeError("exit")
+
+    class Failing:
+        def __init__(self, fail: str) -> None:
+            self.fail = fail
+
+        @hookimpl
+        def kafkaworkers_message_scope(self, plugin: object, message: object) -> Scope:
+            return Scope(self.fail)
+
+    harness = kafkaworkers_harness(plugin, Failing("enter"), Failing("exit"), Failing("none"), partitions=1)
+    for n in range(3):
+        harness.produce("t", A(x=n), key=str(n))
+    harness.run_until_idle()
+    assert len(harness.records("out")) == 3  # every message handled, each output sent once
+    assert sorted(entered) == ["enter"] * 3 + ["exit"] * 3 + ["none"] * 3
+    failures = [
+        s.value
+        for m in harness.metrics.registry.collect() if m.name == "kafkaworkers_observer_errors"
+        for s in m.samples if s.name.endswith("_total") and s.labels["hook"] == "kafkaworkers_message_scope"
+    ]  # fmt: skip
+    assert failures == [3.0, 3.0]  # the one failing on enter, the one failing on exit
+
+
 def install_dist(
     site: Path,
     entry_points: dict[str, str],
