@@ -14,9 +14,15 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PgServer", "pg_bin"]
+import psycopg
+
+from kafkaworkers.stores import namespace
+
+__all__ = ["PgServer", "pg_bin", "store_rows"]
 
 
 def pg_bin() -> Path:
@@ -106,3 +112,16 @@ class PgServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def store_rows(url: str) -> Callable[[str, str, str], list[tuple[Any, ...]]]:
+    """``rows(plugin, file, sql)``: rows of a plugin's store in the shared database, the store
+    named as its SQLite file on one host (``estoque.sqlite3`` of reserva is the schema
+    ``reserva_estoque``)."""
+
+    def rows(plugin: str, file: str, sql: str) -> list[tuple[Any, ...]]:
+        schema = namespace(plugin, file.removesuffix(".sqlite3"))
+        with psycopg.connect(url, autocommit=True, options=f"-c search_path={schema}") as db:
+            return db.execute(sql.encode()).fetchall()
+
+    return rows

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 if TYPE_CHECKING:
     from kafkaworkers.api import PluginEnv
 
-__all__ = ["Connection", "Rows", "Store", "open_store"]
+__all__ = ["Connection", "Rows", "Store", "namespace", "open_store"]
 
 
 class Rows(Protocol):
@@ -141,6 +141,11 @@ class Store(ABC):
             db.execute(f"RELEASE {savepoint}")
 
 
+def namespace(plugin: str, name: str) -> str:
+    """The PostgreSQL schema of a plugin's store ``name``: ``<plugin>``, or ``<plugin>_<name>``."""
+    return (plugin if name == plugin else f"{plugin}_{name}").replace("-", "_")
+
+
 def open_store(env: PluginEnv, name: str, schema: str | Sequence[str]) -> Store:
     """A plugin's store ``name``, its tables created (or completed) by ``schema``.
 
@@ -158,8 +163,7 @@ def open_store(env: PluginEnv, name: str, schema: str | Sequence[str]) -> Store:
     if url:
         from kafkaworkers.stores.postgres import PostgresStore
 
-        namespace = env.name if name == env.name else f"{env.name}_{name}"
-        return PostgresStore(url, namespace.replace("-", "_"), statements)
+        return PostgresStore(url, namespace(env.name, name), statements)
     from kafkaworkers.stores.sqlite import SqliteStore
 
     return SqliteStore(env.data_dir / f"{name}.sqlite3", statements)
