@@ -100,11 +100,26 @@ class Partitions:
         self.paused: dict[TP, tuple[float, str]] = {}
         self._on_change = on_change
         self._rewind_backoff = 0.0
+        #: why every assigned partition is held paused (``control pause``); None while not held
+        self.hold_reason: str | None = None
 
     def assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Newly assigned partitions flow: librdkafka keeps a partition's pause flag when the
         same consumer gets it back (an eager rebalance), though the worker forgot why it paused."""
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
+        if self.hold_reason is not None and partitions:
+            # librdkafka forgets a pause asked for a partition it has not taken over yet: take
+            # them over now (the client then does not again), and pause them before any fetch.
+            try:
+                consumer.incremental_assign(partitions)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise
+                consumer.assign(partitions)  # the eager protocol: on_assign hands the whole assignment
+            consumer.pause(partitions)
+            log.warning("%s: %s; keeping %s paused", self.plugin, self.hold_reason, _names(partitions))
+            self._changed()
+            return
         fresh = [tp for tp in partitions if (tp.topic, tp.partition) not in self.paused]
         if fresh:
             consumer.resume(fresh)
@@ -136,7 +151,7 @@ class Partitions:
 
     def resume(self, tp: TP) -> None:
         """Resume one partition now (its buffer drained)."""
-        if self.paused.pop(tp, None) is not None:
+        if self.paused.pop(tp, None) is not None and self.hold_reason is None:
             try:
                 self.consumer_of(tp[0]).resume([TopicPartition(*tp)])
             except KafkaException as exc:
@@ -151,11 +166,52 @@ class Partitions:
             return
         for tp in due:
             del self.paused[tp]
+            if self.hold_reason is not None:
+                continue
             try:
                 self.consumer_of(tp[0]).resume([TopicPartition(*tp)])
             except KafkaException as exc:
                 log.info("%s: could not resume %s[%d]: %s", self.plugin, tp[0], tp[1], exc.args[0].str())
         self._changed()
+
+    def hold(self, reason: str) -> None:
+        """Stop consuming every assigned partition, and those assigned later, until :meth:`release`;
+        they stay assigned. What was fetched and not handled yet is fetched again after."""
+        self.hold_reason = reason
+        flowing = sorted(self.assigned - set(self.paused))
+        for consumer, tps in self._by_consumer(flowing):
+            try:
+                consumer.pause(tps)
+                # Partitions paused for their own reason were rewound already; these restart where handling is.
+                for tp in consumer.position(tps):
+                    if tp.offset >= 0:
+                        consumer.seek(tp)
+            except KafkaException as exc:
+                log.info("%s: could not pause %s: %s", self.plugin, _names(tps), exc.args[0].str())
+        log.warning("%s: %s: %d partition(s) paused", self.plugin, reason, len(self.assigned))
+        self._changed()
+
+    def release(self) -> None:
+        """Undo :meth:`hold`: the partitions not paused for a reason of their own flow again."""
+        if self.hold_reason is None:
+            return
+        self.hold_reason = None
+        flowing = sorted(self.assigned - set(self.paused))
+        for consumer, tps in self._by_consumer(flowing):
+            try:
+                consumer.resume(tps)
+            except KafkaException as exc:
+                log.info("%s: could not resume %s: %s", self.plugin, _names(tps), exc.args[0].str())
+        log.warning("%s: resumed %d partition(s); %d stay paused for their own reason", self.plugin,
+                    len(flowing), len(self.paused))  # fmt: skip
+        self._changed()
+
+    def _by_consumer(self, tps: Iterable[TP]) -> list[tuple[Consumer, list[TopicPartition]]]:
+        grouped: dict[int, tuple[Consumer, list[TopicPartition]]] = {}
+        for topic, partition in tps:
+            consumer = self.consumer_of(topic)
+            grouped.setdefault(id(consumer), (consumer, []))[1].append(TopicPartition(topic, partition))
+        return list(grouped.values())
 
     def rewind(self, first: dict[TP, int], reason: str) -> None:
         """Store nothing of a batch and handle it again after a pause that grows while it keeps failing."""
@@ -185,7 +241,11 @@ class Partitions:
 
     def _changed(self) -> None:
         if self._on_change is not None:
-            self._on_change(len(self.paused))
+            self._on_change(len(self.assigned) if self.hold_reason is not None else len(self.paused))
+
+
+def _names(partitions: Iterable[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
 def fatal(err: KafkaError) -> bool:

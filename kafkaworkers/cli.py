@@ -23,6 +23,7 @@ from kafkaworkers import __version__
 from kafkaworkers.clikit import EXIT_ERROR, OneLineErrors, load_cli_settings, plugin_host, settings_options
 from kafkaworkers.config import Settings, admin_config
 from kafkaworkers.config_cli import config
+from kafkaworkers.control import control, metrics_url
 from kafkaworkers.dlq import dlq
 from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.headers import H_CORRELATION_ID
@@ -123,7 +124,7 @@ def run(
         ctx.exit(_supervise(settings, [p.name for p in plugins], processes, static_membership, args))
     # Port 0 turns the endpoint off, and with it the metrics' cost in the loop.
     metrics = Metrics() if settings.metrics_port else None
-    worker = Worker(plugins, settings, host, metrics=metrics)
+    worker = Worker(plugins, settings, host, metrics=metrics, control=True)
 
     def live() -> tuple[bool, str]:
         return worker.alive(settings.liveness_timeout)
@@ -133,8 +134,10 @@ def run(
     if metrics is not None and supervised is not None:
         # A process of --processes serves its metrics to its supervisor only, on a port of its own.
         server = _serve("127.0.0.1", 0, metrics.registry, live, worker.readiness)
+        worker.metrics_url = metrics_url(server.host, server.port)
     elif metrics is not None:
         server = _serve(settings.metrics_host, settings.metrics_port, metrics.registry, live, worker.readiness)
+        worker.metrics_url = metrics_url(server.host, server.port)
         click.echo(f"metrics and probes on http://{server.host}:{server.port}/metrics", err=True)
     if supervised is not None:
         report_health(
@@ -428,6 +431,7 @@ cli.add_command(schema)
 cli.add_command(sample)
 cli.add_command(topics)
 cli.add_command(inspect)
+cli.add_command(control)
 cli.add_command(ui)
 
 

@@ -67,6 +67,12 @@ _GROUP_PREFIX = msgspec.Meta(
 )
 _DATABASE_URL = r"^postgres(ql)?://"
 _DATABASE_URL_RULE = msgspec.Meta(pattern=_DATABASE_URL, extra={"allowed": "a postgresql:// URL"})
+_TOPIC_NAME = msgspec.Meta(
+    min_length=1,
+    max_length=249,
+    pattern=r"^[A-Za-z0-9._-]+$",
+    extra={"allowed": "a topic name: 1 to 249 letters, digits, '.', '_' or '-'"},
+)
 _HOST_RULE = "an IP address or host name of this machine (0.0.0.0 or :: for every interface)"
 
 
@@ -106,6 +112,9 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # sooner whenever the consumer has caught up (a batch came back short), so the interval
     # costs latency only under a load that keeps batches full; 0 commits every batch.
     transaction_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 100
+    # Where `kafkaworkers control` writes commands and the workers answer; every `run` reads the first.
+    control_topic: Annotated[str, _TOPIC_NAME] = "kafkaworkers-control"
+    control_replies_topic: Annotated[str, _TOPIC_NAME] = "kafkaworkers-control-replies"
     kafka: dict[str, Any] = {}
     consumer: dict[str, Any] = {}
     producer: dict[str, Any] = {}

@@ -57,6 +57,7 @@ __all__ = [
     "plugin_groups",
     "retries",
     "this_process",
+    "with_states",
     "workers",
 ]
 
@@ -208,6 +209,21 @@ def workers(settings: Settings, plugins: Iterable[Plugin[Any]], *, transport: Tr
                     partitions=[Partition(topic, partition) for topic, partition in member.partitions],
                 )
             )
+    return members
+
+
+def with_states(
+    settings: Settings, members: list[Member], timeout: float, *, transport: Transport | None = None
+) -> list[Member]:
+    """Fill in each member's state and reason from its worker's answer to a control-topic ping
+    (:mod:`kafkaworkers.control`); a member whose worker did not answer keeps None."""
+    from kafkaworkers.control import ping_all  # control builds on this module
+
+    answers = ping_all(settings, sorted({m.plugin for m in members}), timeout, transport=transport)
+    for member in members:
+        reply = next((r for r in answers.get(member.plugin, []) if r.worker == member.worker), None)
+        if reply is not None:
+            member.state, member.reason = reply.state, reply.reason
     return members
 
 
@@ -418,6 +434,13 @@ def inspect() -> None:
 @inspect.command("workers")
 @_plugins_option
 @_group_option
+@click.option(
+    "--ping-timeout",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for the workers' answers to a ping (their state, and why paused); 0 asks nothing.",
+)
 @_format_option
 @settings_options
 @click.pass_context
@@ -426,11 +449,15 @@ def inspect_workers(
     /,
     names: tuple[str, ...],
     group_id: str | None,
+    ping_timeout: float,
     fmt: str,
     config_file: str | None,
     **overrides: Any,
 ) -> None:
-    """List every member of the plugins' groups (retry groups too): host, process, client id, partitions.
+    """List every member of the plugins' groups (retry groups too): host, process, state, partitions.
+
+    The state (running, or paused and why) is what each worker answers to a ping through the
+    control topic; a member whose worker does not answer shows `-`.
 
     \b
     Examples:
@@ -439,6 +466,8 @@ def inspect_workers(
     """
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
     rows = workers(settings, _selected(ctx, names))
+    if rows and ping_timeout:
+        rows = with_states(settings, rows, ping_timeout)
     if fmt == "json":
         echo_json(rows)
         return
@@ -447,9 +476,7 @@ def inspect_workers(
         return
     lines = [["GROUP", "PLUGIN", "HOST", "PID", "PROCESS", "STATE", "PARTITIONS", "CLIENT ID"]]
     for m in rows:
-        state = m.state or "-"
-        if m.reason:
-            state += f" ({m.reason})"
+        state = (m.reason if m.state == "paused" else m.state) or "-"
         pid = "-" if m.pid is None else str(m.pid)
         process = "-" if m.process is None else str(m.process)
         lines.append([m.group, m.plugin, m.host, pid, process, state, partitions_text(m.partitions), m.client_id])

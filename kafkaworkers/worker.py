@@ -41,6 +41,7 @@ from kafkaworkers.clock import SYSTEM_CLOCK, Clock
 from kafkaworkers.concurrency import Dispatcher, EventLoopThread
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
+from kafkaworkers.control import ControlChannel
 from kafkaworkers.errors import (
     BrokerUnavailable,
     CircuitOpenError,
@@ -590,6 +591,8 @@ class Worker:
     :param transport: the broker; by default chosen from ``settings.bootstrap_servers``.
     :param metrics: where to count; ``None`` turns metrics off.
     :param clock: the clocks of pauses and retry due times (tests pass a manual one).
+    :param control: obey ``kafkaworkers control`` commands from ``settings.control_topic``
+        (:mod:`kafkaworkers.control`); ``kafkaworkers run`` turns it on.
     """
 
     def __init__(
@@ -600,6 +603,7 @@ class Worker:
         transport: Transport | None = None,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        control: bool = False,
     ) -> None:
         if settings.group_id and len(plugins) > 1:
             raise PluginError("--group-id names one group; it cannot be shared by several plugins")
@@ -624,6 +628,10 @@ class Worker:
         self._producer: Any = None
         #: in exactly-once mode, the worker's transactional producer and its open transaction
         self.txn: Transactions | None = None
+        #: where this process serves /metrics, for the answers to ``control ping``
+        self.metrics_url: str | None = None
+        self._control_wanted = control
+        self._control: ControlChannel | None = None
 
     @property
     def ready(self) -> bool:
@@ -640,6 +648,10 @@ class Worker:
         waiting = [r.plugin.name for r in self.runners if not r.joined]
         if waiting or not self.runners:
             return False, "waiting to join groups: " + ", ".join(waiting or ["starting"])
+        # Paused on purpose: alive, but not doing its work, which a rollout or an alert should see.
+        held = [f"{r.partitions.hold_reason} ({r.plugin.name})" for r in self.runners if r.partitions.hold_reason]
+        if held:
+            return False, ", ".join(held)
         return True, "ready"
 
     def alive(self, timeout: float) -> tuple[bool, str]:
@@ -713,6 +725,8 @@ class Worker:
         self._ensure_internal_topics()
         for runner in self.runners:
             runner.subscribe()
+        if self._control_wanted:
+            self._control = ControlChannel(self)
         self.host.worker_started(self)
         # What start-up made (modules, plugin state, clients) lives until close: frozen, the
         # collector's full passes during the loop skip it. On a 230-byte message, W3-small's
@@ -744,6 +758,8 @@ class Worker:
     def run_once(self, timeout: float | None = None) -> int:
         """One batch step of every plugin; return how many messages they handled."""
         self.last_beat = time.monotonic()
+        if self._control is not None and self._control.inbox:
+            self._control.apply()  # between batches, on this thread: the consumers are never shared
         if timeout is None:
             timeout = self.settings.poll_timeout / max(len(self.runners), 1)
         # With handlers running, no consumer may block the loop: their results are sent and
@@ -782,6 +798,8 @@ class Worker:
             return
         self._stopped = True
         gc.unfreeze()
+        if self._control is not None:
+            self._control.close()
         if self.runners:
             grace = self.settings.shutdown_grace
             log.info("worker stopping: flushing and committing (at most %.0f s)", grace)
