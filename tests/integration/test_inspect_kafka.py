@@ -111,3 +111,18 @@ def test_inspect_retries_counts_what_a_failing_handler_left_in_retry_1_and_when_
     table = kwtest.cli("inspect", "retries", "--plugin", "echo", "--group-id", kwtest.group)
     assert table.returncode == 0, table.stderr
     assert "5 message(s) waiting" in table.stdout and "(in " in table.stdout
+
+
+def test_inspect_workers_tells_the_processes_of_one_supervisor_apart_by_index(
+    kafka: KafkaHelper, kwtest: KwTest
+) -> None:
+    kafka.create_topics(kwtest.ping, kwtest.pong, partitions=2)
+    supervisor = kwtest.start("--processes", "2")
+
+    def two_processes() -> list[dict] | None:
+        rows = [m for m in inspect(kwtest, "workers", "--ping-timeout", "0") if m["group"] == kwtest.group]
+        return rows if sorted(m["process"] for m in rows) == [0, 1] else None
+
+    rows = wait_for(two_processes, 60, "both processes of the supervisor in the group")
+    assert len({m["pid"] for m in rows}) == 2 and supervisor.pid not in {m["pid"] for m in rows}
+    assert {m["host"] for m in rows} == {socket.gethostname()}
