@@ -1,8 +1,9 @@
 """Several hosts and a replicated cluster on one machine: network namespaces on a bridge.
 
 The bridge ``kw-br0`` has :data:`BRIDGE_ADDRESS` on the root side, where the three brokers
-(scripts/kafka/cluster.sh) listen; each worker host is a network namespace ``kw-host-<x>``
-joined to it by a veth pair, with an address of its own and its own loopback. Cutting a
+(scripts/kafka/cluster.sh) and a PostgreSQL server (tests/pgserver.py) listen; each worker
+host is a network namespace ``kw-host-<x>`` joined to it by a veth pair, with an address of
+its own and its own loopback. Cutting a
 host's network sets the root side of its veth down: the host's processes keep running and
 reach nothing until it is set up again. Everything here needs root; the namespaces, links
 and brokers are removed at the end of the session, and any left by a crashed run at its start.
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +26,14 @@ from confluent_kafka.admin import AdminClient
 
 from tests.conftest import FAST_GROUP, KW, ROOT, wait_for
 from tests.judging import holdings
+from tests.pgserver import PgServer, pg_bin
 
 BRIDGE = "kw-br0"
 SUBNET = "10.77.0"
 BRIDGE_ADDRESS = f"{SUBNET}.1"
 HOSTS = ("a", "b")
 CLUSTER_SH = ROOT / "scripts" / "kafka" / "cluster.sh"
+PG_PORT = 25432
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -131,6 +136,25 @@ def network() -> Iterator[Network]:
 
 
 @pytest.fixture(scope="session")
+def postgres(network: Network) -> Iterator[PgServer]:
+    """The database server every host's services share, on the bridge; in a directory the
+    ``postgres`` user it runs as can reach, unlike pytest's private temporary tree."""
+    base = Path(tempfile.mkdtemp(prefix="kw-cluster-pg-"))
+    base.chmod(0o755)
+    server = PgServer(base, BRIDGE_ADDRESS, PG_PORT).start()
+    # initdb trusts loopback only; the hosts connect from the bridge's subnet.
+    with open(server.data / "pg_hba.conf", "a") as hba:
+        hba.write(f"host all all {SUBNET}.0/24 trust\n")
+    reload = ["runuser", "-u", "postgres", "--", str(pg_bin() / "pg_ctl"), "-D", str(server.data), "reload"]
+    subprocess.run(reload, check=True, capture_output=True, timeout=30)
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def cluster(network: Network, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     brokers = Cluster(tmp_path_factory.mktemp("cluster"))
     brokers("up")
@@ -215,6 +239,7 @@ class Hosts:
 
     def __init__(self, network: Network, cluster: Cluster, base: Path, **env: str) -> None:
         self.prefix = f"scale-{uuid.uuid4().hex[:8]}-"
+        self.database_url = env.get("KAFKAWORKERS_DATABASE_URL", "")
         self.cluster = cluster
         self.network = network
         self.env = {
@@ -243,8 +268,10 @@ class Hosts:
 
 
 @pytest.fixture
-def hosts(network: Network, cluster: Cluster, tmp_path: Path) -> Iterator[Hosts]:
-    running = Hosts(network, cluster, tmp_path)
+def hosts(network: Network, cluster: Cluster, postgres: PgServer, tmp_path: Path) -> Iterator[Hosts]:
+    """Hosts a and b, their services' state in a fresh database of their own on the shared server."""
+    url = postgres.create_database(f"scale_{uuid.uuid4().hex[:8]}")
+    running = Hosts(network, cluster, tmp_path, KAFKAWORKERS_DATABASE_URL=url)
     try:
         yield running
     finally:

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import collections
 import importlib
+import json
 import random
 import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 
-import duckdb
 import msgspec
+import psycopg
 import pytest
 from confluent_kafka import Producer
 
@@ -41,7 +41,7 @@ from kafkaworkers_orders.reserva.estoque import read_catalogue
 from kafkaworkers_orders.scenario import OrderScenario
 from tests.cluster.conftest import Hosts, wait_joined
 from tests.conftest import wait_for
-from tests.judging import Offsets, Verdict, Watcher, judge, query, settle, write_catalogue
+from tests.judging import Offsets, Verdict, Watcher, judge, settle, write_catalogue
 
 pytestmark = pytest.mark.cluster
 
@@ -69,6 +69,7 @@ class Feed(threading.Thread):
         super().__init__(daemon=True)
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
         self.orders, self.count = orders, count
+        self.stopping = threading.Event()
         self.sent = 0
         self.acked: set[bytes] = set()
         self.errors: list[str] = []
@@ -84,10 +85,19 @@ class Feed(threading.Thread):
         for topic, key, value, headers in self.orders:
             while (time.monotonic() - began) * RATE < self.sent:
                 self.producer.poll(0.005)
+            if self.stopping.is_set():
+                return
             produce(self.producer, topic, value, key, headers, delivered)
             self.sent += 1
             self.producer.poll(0)
         self.producer.flush(120)
+
+    def close(self) -> None:
+        """Stop sending and drop the producer, so nothing outlives the test's network."""
+        self.stopping.set()
+        self.join(130)
+        self.producer.flush(5)
+        del self.producer
 
 
 class Run:
@@ -103,9 +113,8 @@ class Run:
         self.scenario = OrderScenario(run_id=self.run_id, catalogue=seed_catalogue)
         catalogue = self.scenario.stock(ORDERS)
         self.initial = {p.sku: p.estoque for p in catalogue}
-        path = write_catalogue(tmp_path / "catalogo.json", catalogue)
-        for host in hosts.each.values():
-            host.cli("stock", "load", "--file", str(path), "--data-dir", str(host.data_dir / "reserva"))
+        # One stock for every host: it lives in the shared database.
+        hosts.each["a"].cli("stock", "load", "--file", str(write_catalogue(tmp_path / "catalogo.json", catalogue)))
         hosts.each["a"].cli("topics", "create", "--partitions", str(PARTITIONS))
         self.groups = {plugin: consumed(hosts, plugin) for plugin in SERVICES}
         self.offsets = Offsets(hosts.cluster.bootstrap)
@@ -146,30 +155,17 @@ class Run:
         self.offsets.close()
 
 
-def rows_of(hosts: Hosts) -> Callable[[str, str, str], list[tuple]]:
-    """Rows of a plugin's table over every host's SQLite file."""
+def rows_of(url: str) -> Callable[[str, str, str], list[tuple]]:
+    """Rows of a plugin's table in the shared database: the store ``<name>.sqlite3`` of one host
+    is the schema ``<plugin>`` (``<plugin>_<name>`` when the names differ) there."""
 
     def rows(plugin: str, file: str, sql: str) -> list[tuple]:
-        out: list[tuple] = []
-        for host in hosts.each.values():
-            path = host.data_dir / plugin / file
-            if path.exists():
-                out += query(path, sql)
-        return out
+        name = file.removesuffix(".sqlite3")
+        schema = plugin if name == plugin else f"{plugin}_{name}"
+        with psycopg.connect(url, autocommit=True, options=f"-c search_path={schema}") as db:
+            return db.execute(sql).fetchall()
 
     return rows
-
-
-def report_of(hosts: Hosts) -> list[tuple[str, str, str | None]]:
-    """The orders of the fullest warehouse among the hosts: the report one ``kafkaworkers report`` shows."""
-    best: list[tuple[str, str, str | None]] = []
-    for host in hosts.each.values():
-        path = host.data_dir / "relatorios" / "warehouse.duckdb"
-        if path.exists():
-            with closing(duckdb.connect(str(path), read_only=True)) as db:
-                found = db.execute("SELECT order_id, estado, cancelado_motivo FROM pedidos").fetchall()
-            best = max(best, found, key=len)
-    return best
 
 
 Fault = Callable[[Run], None]
@@ -234,6 +230,7 @@ def test_cluster_two_hosts_every_order_ends_once_through(
     fault: Fault, hosts: Hosts, tmp_path: Path, rng: random.Random
 ) -> None:
     run = Run(hosts, tmp_path, rng.randrange(2**32))
+    feed: Feed | None = None
     try:
         feed = run.start()
         run.pump_until(lambda: feed.sent >= ORDERS // 3, 60, "a third of the orders sent")
@@ -251,9 +248,9 @@ def test_cluster_two_hosts_every_order_ends_once_through(
         if finished:
             settle(run.offsets, {hosts.group(p): ts for p, ts in run.groups.items()}, run.watcher)
         hosts.check_running()
-        for host in hosts.each.values():
-            host.stop("relatorios")  # DuckDB: read once its writer is gone
     finally:
+        if feed is not None:
+            feed.close()
         run.close()
         hosts.stop_all()
 
@@ -263,8 +260,9 @@ def test_cluster_two_hosts_every_order_ends_once_through(
         for o, k in re.findall(rf"notificacao (PED-{run.run_id}-\d+)\.(\w+) para", host.log("notificacao"))
     )
     orders = {p.pedido.order_id: p.pedido for p in run.scenario.plan(ORDERS, run.seed)}
+    report = json.loads(hosts.each["a"].cli("report", "--format", "json"))
     verdict: Verdict = judge(
-        run.scenario, orders, run.initial, run.watcher.events, rows_of(hosts), logged, report_of(hosts)
+        run.scenario, orders, run.initial, run.watcher.events, rows_of(hosts.database_url), logged, report["by_state"]
     )
     outcomes = collections.Counter(t.terminal or "unfinished" for t in run.scenario.tracks.values())
     print(
