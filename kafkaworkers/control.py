@@ -204,7 +204,18 @@ class ControlChannel:
         self._thread.start()
         log.info("listening for commands on %s as worker %s", settings.control_topic, self.identity.worker)
 
+    @classmethod
+    def open(cls, worker: Worker) -> ControlChannel | None:
+        """The worker's channel, or None (logged) when the control topic cannot be created or
+        read: a worker without control still does its work."""
+        try:
+            return cls(worker)
+        except BrokerUnavailable as exc:
+            log.warning("not listening for control commands on %s: %s", worker.settings.control_topic, exc)
+            return None
+
     def _listen(self) -> None:
+        reported: set[int] = set()
         while not self._stop.is_set():
             try:
                 messages = self._consumer.consume(100, _LISTEN_WAIT)
@@ -213,7 +224,11 @@ class ControlChannel:
                 self._stop.wait(_LISTEN_WAIT)
                 continue
             for msg in messages:
-                if msg.error() is not None:
+                err = msg.error()
+                if err is not None:
+                    if err.code() not in reported:  # e.g. not authorized: once, not twice a second
+                        reported.add(err.code())
+                        log.warning("reading %s: %s", self.settings.control_topic, err.str())
                     continue
                 try:
                     command = _command_decoder.decode(msg.value() or b"")

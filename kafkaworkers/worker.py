@@ -726,7 +726,7 @@ class Worker:
         for runner in self.runners:
             runner.subscribe()
         if self._control_wanted:
-            self._control = ControlChannel(self)
+            self._control = ControlChannel.open(self)
         self.host.worker_started(self)
         # What start-up made (modules, plugin state, clients) lives until close: frozen, the
         # collector's full passes during the loop skip it. On a 230-byte message, W3-small's

@@ -20,9 +20,10 @@ from kafkaworkers import Context, Plugin, RetryPolicy
 from kafkaworkers.batch import BREAKER_OPEN
 from kafkaworkers.config import Settings
 from kafkaworkers.control import CONTROL, Reply, send
+from kafkaworkers.errors import BrokerUnavailable
 from kafkaworkers.inspect import Partition
 from kafkaworkers.plugins import PluginHost
-from kafkaworkers.transports.memory import MemoryBroker, MemoryTransport
+from kafkaworkers.transports.memory import MemoryAdmin, MemoryBroker, MemoryTransport
 from kafkaworkers.worker import Worker
 
 
@@ -33,7 +34,8 @@ class Ping(msgspec.Struct, frozen=True):
 class Setup:
     """Two plugins on one broker: ``probe`` in a worker that obeys control, ``bystander`` in another."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, concurrency: int = 1) -> None:
+        self.concurrency = concurrency
         self.broker = MemoryBroker()
         self.transport = MemoryTransport(self.broker)
         self.handled: list[int] = []
@@ -52,7 +54,12 @@ class Setup:
         self.broker.create_topic(f"{name}-in", 2)
         host = PluginHost()
         host.register(plugin, name)
-        settings = Settings(bootstrap_servers="memory://control-test", data_dir=str(tmp_path), poll_timeout=0.01)
+        settings = Settings(
+            bootstrap_servers="memory://control-test",
+            data_dir=str(tmp_path),
+            poll_timeout=0.01,
+            concurrency=self.concurrency,
+        )
         worker = Worker([plugin], settings, host, transport=self.transport, control=True)
         worker.start(broker_wait=0)
         return worker
@@ -86,9 +93,9 @@ class Setup:
         return condition()
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[Setup]:
-    made = Setup(tmp_path)
+@pytest.fixture(params=[1, 4], ids=["concurrency-1", "concurrency-4"])
+def setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Setup]:
+    made = Setup(tmp_path, request.param)
     assert made.run_until(lambda: all(w.ready for w in made.workers))
     yield made
     for worker in made.workers:
@@ -159,3 +166,42 @@ def test_shutdown_stops_the_loop_and_says_so(setup: Setup) -> None:
     [reply] = setup.send("shutdown", timeout=0.3)
     assert reply.state == "stopping"
     assert not setup.workers[0]._running and setup.workers[1]._running
+
+
+class NoControlTopics(MemoryAdmin):
+    """A cluster where this principal may not create the control topics."""
+
+    def create_topics(self, topics: Any, config: Any = None) -> dict[str, str]:
+        if any(name.startswith("kafkaworkers-control") for name, _, _ in topics):
+            raise BrokerUnavailable("cannot create topic 'kafkaworkers-control': Topic authorization failed")
+        return super().create_topics(topics, config)
+
+
+def test_a_worker_whose_control_topic_cannot_be_made_runs_without_control(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    transport = MemoryTransport(broker)
+    transport.admin = lambda config: NoControlTopics(broker)  # type: ignore[method-assign]
+    plugin: Plugin[Any] = Plugin("probe")
+    handled: list[int] = []
+
+    @plugin.consumes("probe-in", Ping)
+    def handle(ping: Ping, ctx: Context[Any]) -> None:
+        handled.append(ping.n)
+
+    broker.create_topic("probe-in", 1)
+    host = PluginHost()
+    host.register(plugin, "probe")
+    settings = Settings(bootstrap_servers="memory://no-control", data_dir=str(tmp_path), poll_timeout=0.01)
+    worker = Worker([plugin], settings, host, transport=transport, control=True)
+    worker.start(broker_wait=0)
+    try:
+        producer = transport.producer({})
+        producer.produce("probe-in", msgspec.json.encode(Ping(1)))
+        producer.flush()
+        for _ in range(200):
+            if handled:
+                break
+            worker.run_once(timeout=0.001)
+        assert handled == [1]
+    finally:
+        worker.close()
