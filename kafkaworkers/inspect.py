@@ -26,7 +26,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -419,6 +419,25 @@ def _selected(ctx: click.Context, names: tuple[str, ...]) -> list[Plugin[Any]]:
     return plugins
 
 
+def _report(
+    ctx: click.Context,
+    names: tuple[str, ...],
+    settings: Settings,
+    fmt: str,
+    read: Callable[[Settings, list[Plugin[Any]]], Sequence[Any]],
+    none: str,
+) -> Sequence[Any]:
+    """Read the rows for the selected plugins; print them as JSON, or say there are none, and
+    return what is left for the table (nothing when printed already)."""
+    rows = read(settings, _selected(ctx, names))
+    if fmt == "json":
+        echo_json(rows)
+        return []
+    if not rows:
+        click.echo(none)
+    return rows
+
+
 @click.group("inspect", cls=OneLineErrors)
 def inspect() -> None:
     """See what runs: the workers in each plugin's groups, their lag, what waits in the retry topics.
@@ -465,14 +484,13 @@ def inspect_workers(
       kafkaworkers inspect workers -p fraude -p reserva --format json
     """
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
-    rows = workers(settings, _selected(ctx, names))
-    if rows and ping_timeout:
-        rows = with_states(settings, rows, ping_timeout)
-    if fmt == "json":
-        echo_json(rows)
-        return
+
+    def read(settings: Settings, plugins: list[Plugin[Any]]) -> list[Member]:
+        members = workers(settings, plugins)
+        return with_states(settings, members, ping_timeout) if members and ping_timeout else members
+
+    rows: Sequence[Member] = _report(ctx, names, settings, fmt, read, "no worker is in any of the plugins' groups")
     if not rows:
-        click.echo("no worker is in any of the plugins' groups")
         return
     lines = [["GROUP", "PLUGIN", "HOST", "PID", "PROCESS", "STATE", "PARTITIONS", "CLIENT ID"]]
     for m in rows:
@@ -509,12 +527,8 @@ def inspect_lag(
       kafkaworkers inspect lag --plugin pagamento --format json
     """
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
-    rows = lag(settings, _selected(ctx, names))
-    if fmt == "json":
-        echo_json(rows)
-        return
+    rows: Sequence[Lag] = _report(ctx, names, settings, fmt, lag, "none of the plugins' topics exists yet")
     if not rows:
-        click.echo("none of the plugins' topics exists yet")
         return
     lines = [["GROUP", "TOPIC", "PARTITION", "COMMITTED", "END", "LAG"]]
     for r in rows:
@@ -551,12 +565,8 @@ def inspect_retries(
       kafkaworkers inspect retries --plugin notificacao --format json
     """
     settings = load_cli_settings(config_file, group_id=group_id, **overrides)
-    rows = retries(settings, _selected(ctx, names))
-    if fmt == "json":
-        echo_json(rows)
-        return
+    rows: Sequence[Waiting] = _report(ctx, names, settings, fmt, retries, "no retry topic of the plugins exists yet")
     if not rows:
-        click.echo("no retry topic of the plugins exists yet")
         return
     now = time.time()
     lines = [["GROUP", "TOPIC", "PARTITION", "WAITING", "NEXT DUE", "LAST DUE"]]
