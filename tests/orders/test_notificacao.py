@@ -7,6 +7,7 @@ import email.policy
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,7 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from kafkaworkers import ConfigError
+from kafkaworkers import ConfigError, PluginEnv, Retry, open_store
 from kafkaworkers_orders import notificacao
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -31,7 +32,7 @@ from kafkaworkers_orders.contracts import (
     ProcessoPagamento,
     ProcessoPicking,
 )
-from kafkaworkers_orders.notificacao.channels import SmtpChannel, WebhookChannel
+from kafkaworkers_orders.notificacao.channels import Notificacao, SmtpChannel, WebhookChannel
 from tests.conftest import free_port, wait_for
 
 ORDER = "PED-0001"
@@ -285,3 +286,66 @@ def test_channel_reprs_hide_secrets():
 )
 def test_amounts_are_written_in_brazilian_format(cents, text):
     assert notificacao.reais(cents) == text
+
+
+# --- two instances sharing one database ------------------------------------------------------
+
+
+class Held:
+    """A channel whose sends wait until the test lets them go; it records each one."""
+
+    name = "log"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.sending = threading.Event()
+        self.go = threading.Event()
+
+    def send(self, n: Notificacao) -> None:
+        self.sending.set()
+        assert self.go.wait(10)
+        self.sent.append(n.idempotency_key)
+
+
+def test_an_event_handled_by_two_instances_at_once_is_sent_by_the_one_holding_the_claim(tmp_path, database_url) -> None:
+    env = PluginEnv("notificacao", {}, tmp_path, database_url)
+    first, second = Held(), Held()
+    a = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [first], lease=30.0)
+    b = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [second], lease=30.0)
+    with a.store.transaction() as db:
+        db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
+    sending = threading.Thread(target=a.notificar, args=(ORDER, "separacao_iniciada"))
+    sending.start()
+    assert first.sending.wait(10)
+
+    second.go.set()
+    with pytest.raises(Retry, match="another instance is sending it"):
+        b.notificar(ORDER, "separacao_iniciada")
+    assert second.sent == [], "the claim held by the other instance is not sent again"
+    first.go.set()
+    sending.join(10)
+    b.notificar(ORDER, "separacao_iniciada")
+    assert (first.sent, second.sent) == ([f"{ORDER}.separacao_iniciada"], []), "sent once, by the claim's holder"
+
+
+def test_a_claim_left_by_an_instance_that_died_is_sent_by_another_once_it_ran_out(tmp_path, database_url) -> None:
+    env = PluginEnv("notificacao", {}, tmp_path, database_url)
+    dead, alive = Held(), Held()
+    a = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [dead], lease=0.3)
+    b = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [alive], lease=0.3)
+    with a.store.transaction() as db:
+        db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
+    threading.Thread(target=a.notificar, args=(ORDER, "estorno"), kwargs={"valor": "R$ 1,00"}, daemon=True).start()
+    assert dead.sending.wait(10)  # claimed, and never marked: it "died" sending
+    alive.go.set()
+    with pytest.raises(Retry):
+        b.notificar(ORDER, "estorno", valor="R$ 1,00")
+
+    wait_for(lambda: time.time() > claimed_until(a), 5, "the dead instance's claim to run out")
+    b.notificar(ORDER, "estorno", valor="R$ 1,00")
+    assert alive.sent == [f"{ORDER}.estorno"]
+    dead.go.set()
+
+
+def claimed_until(instance: Any) -> float:
+    return float(instance.store.db.execute("SELECT max(claimed_until) FROM envios").fetchone()[0])

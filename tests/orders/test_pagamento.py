@@ -3,10 +3,12 @@ pausing the worker during an outage, and the HTTP gateway against a real local s
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -330,3 +332,42 @@ def test_pagamento_charges_and_refunds_through_the_http_gateway_once(
     ]
     assert "HTTP 503" in caplog.text
     assert API_KEY not in caplog.text
+
+
+# --- two instances sharing one database ------------------------------------------------------
+
+
+def test_two_instances_charge_each_order_once_and_announce_each_refund_once(
+    kafkaworkers_harness, tmp_path: Path, database_url: str | None
+) -> None:
+    """As while a partition moves: the same order charged by both at once, then its redelivery
+    on one racing its cancellation on the other."""
+    a, b = (
+        kafkaworkers_harness(pagamento.plugin, data_dir=tmp_path, database_url=database_url).state("pagamento")
+        for _ in range(2)
+    )
+    orders = [pedido(f"p{n}") for n in range(30)]
+    start = threading.Barrier(2)
+
+    def charge(instance: pagamento.Cobrancas) -> list[ProcessoPagamento]:
+        start.wait()
+        return [e for p in orders for e in instance.cobrar(p)]
+
+    with ThreadPoolExecutor(2) as pool:
+        charged_a, charged_b = pool.map(charge, (a, b))
+    assert a.gateway.charge_calls.total() + b.gateway.charge_calls.total() >= 30
+    assert all(a.gateway.charges_for(p.order_id) == 1 for p in orders), "one charge per order in the shared ledger"
+    assert {(e.order_id, e.transacao_id) for e in charged_a} == {(e.order_id, e.transacao_id) for e in charged_b}
+
+    # Both reach each order at the same moment.
+    def redeliver(_: object) -> list[ProcessoPagamento]:
+        return [e for p in orders if start.wait() >= 0 for e in a.cobrar(p)]
+
+    def cancel(_: object) -> list[ProcessoPagamento]:
+        return [e for p in orders if start.wait() >= 0 for e in b.cancelar(p.order_id)]
+
+    with ThreadPoolExecutor(2) as pool:
+        events = [e for f in (pool.submit(redeliver, None), pool.submit(cancel, None)) for e in f.result()]
+    refunds = collections.Counter(e.order_id for e in events if e.status == "estornado")
+    assert refunds == dict.fromkeys((p.order_id for p in orders), 1), "each refund announced by one message"
+    assert all(b.gateway.refunds_for(e.transacao_id) == 1 for e in charged_a), "and made once"

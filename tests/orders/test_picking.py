@@ -3,6 +3,7 @@ cancelled order; and the whole saga with reserva, fraude and pagamento running t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import permutations
 
@@ -193,3 +194,28 @@ def test_the_saga_ends_picked_or_cancelled_with_every_compensation_done_once(
     assert [gateway.refunds_for(p.transacao_id) for p in approved] == [1] * len(approved)
     statuses = [r.status for r in harness.values(RESERVA_ESTOQUE, ReservaEstoque)]
     assert statuses.count("liberado") == statuses.count("reservado")
+
+
+# --- two instances sharing one database ------------------------------------------------------
+
+
+def test_the_join_is_complete_whichever_instance_receives_each_outcome(
+    kafkaworkers_harness, tmp_path, database_url
+) -> None:
+    """The assignment that stranded orders with a database per instance: one instance gets the
+    stock and fraud outcomes, the other the payments, and they handle them at the same time."""
+    a, b = (kafkaworkers_harness(picking.plugin, data_dir=tmp_path, database_url=database_url) for _ in range(2))
+    orders = [f"o{n}" for n in range(40)]
+    fraud = set(orders[::4])
+    for o in orders:
+        deliver_to = {"reserva": a, "fraude": a, "pagamento": b}
+        for service, harness in deliver_to.items():
+            event = (NEGATIVE if service == "fraude" and o in fraud else POSITIVE)[service](o)
+            harness.produce(TOPIC[type(event)], event, key=o)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda h: h.run_until_idle(), (a, b)))
+
+    picked = {(e.order_id, e.status) for h in (a, b) for e in stages(h)}
+    cancelled = {(e.order_id, e.motivo) for h in (a, b) for e in cancels(h)}
+    assert picked == {(o, s) for o in orders if o not in fraud for s in ("iniciado", "concluido")}
+    assert cancelled == {(o, "fraude") for o in fraud}

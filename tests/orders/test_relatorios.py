@@ -7,6 +7,7 @@ import random
 import re
 import sqlite3
 import subprocess
+import uuid
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -286,3 +287,30 @@ def test_report_without_a_warehouse_says_where_it_looked(tmp_path):
         f"kafkaworkers: error: no warehouse at {tmp_path / FILE_NAME};"
         " run the relatorios plugin first or pass --data-dir"
     )
+
+
+# --- several instances sharing one database ------------------------------------------------
+
+
+def test_instances_sharing_a_database_each_record_their_events_and_the_report_holds_them_all(
+    kafkaworkers_harness, pg_server, tmp_path
+):
+    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    a, b = (kafkaworkers_harness(relatorios.plugin, data_dir=tmp_path / host, database_url=url) for host in ("a", "b"))
+    events = known_set()
+    # Each instance gets every other event (the topics' partitions split between them), and a
+    # few events reach both (a partition moving while a batch was in flight).
+    for n, (topic, event) in enumerate(events):
+        for harness in (a, b) if n % 5 == 0 else ((a, b)[n % 2],):
+            harness.produce(topic, event, key=event.order_id)
+    a.run_until_idle()
+    b.run_until_idle()
+
+    assert not (tmp_path / "a" / "relatorios" / FILE_NAME).exists(), "no warehouse file on the workers"
+    env = {"KAFKAWORKERS_DATABASE_URL": url, "KAFKAWORKERS_DATA_DIR": str(tmp_path / "elsewhere")}
+    result = CliRunner(env=env).invoke(cli(), ["report", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["by_state"] == {"separado": 2, "cancelado: fraude": 1, "cancelado: sem_estoque": 1}
+    assert summary["revenue_net_cents"] == 40_000
+    assert summary["latency_seconds"]["payment"]["p50"] == pytest.approx(3.0), "each event counted once"
