@@ -35,7 +35,7 @@ from kafkaworkers.errors import KafkaWorkersError
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.retry import dlq_topic
 from kafkaworkers.topology import Topology
-from kafkaworkers.ui import letters
+from kafkaworkers.ui import letters, live
 from kafkaworkers.ui.graph import draw
 from kafkaworkers.ui.security import SESSION_COOKIE, TOKEN_FIELD, CsrfGuard, masked, same_origin
 
@@ -48,10 +48,11 @@ _CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'
 _HEADERS = [
     (b"content-security-policy", f"{_CSP}; base-uri 'none'".encode()),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make a browser send Origin: null
     (b"x-frame-options", b"DENY"),
 ]
 _LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
+_COMMANDS = ("pause", "resume")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Console:
     host: PluginHost
     allow_actions: bool
     guard: CsrfGuard = field(default_factory=CsrfGuard)
+    rates: live.Rates = field(default_factory=live.Rates)
 
     @property
     def groups(self) -> dict[str, str]:
@@ -198,8 +200,40 @@ def create_app(
         log.info("console replay: %s", [(p, c) for p, c, _ in results])
         return render(request, "replayed.html", results=results)
 
+    def live_page(request: Request) -> Response:
+        try:
+            view = live.snapshot(settings, host, console.rates)
+        except KafkaWorkersError as exc:
+            return failed(request, exc)
+        return render(request, "live.html", view=view)
+
+    def workers_page(request: Request) -> Response:
+        try:
+            members = live.members(settings, host)
+        except KafkaWorkersError as exc:
+            return failed(request, exc)
+        return render(request, "workers.html", members=members, commands=_COMMANDS)
+
+    async def control(request: Request) -> Response:
+        fields, refused = await form_of(request)
+        if refused is not None:
+            return refused
+        command = request.path_params["command"]
+        plugin = (fields.get("plugin") or [""])[0]
+        worker = (fields.get("worker") or [""])[0] or None
+        if command not in _COMMANDS or plugin not in host.plugins:
+            return render(request, "error.html", 400, error="unknown command or plugin")
+        try:
+            replies = await run_in_threadpool(live.command, settings, command, plugin, worker)
+        except KafkaWorkersError as exc:
+            return failed(request, exc)
+        return render(request, "controlled.html", command=command, plugin=plugin, worker=worker, replies=replies)
+
     routes = [
         Route("/", topology_page),
+        Route("/live", live_page),
+        Route("/workers", workers_page),
+        Route("/workers/{command}", control, methods=["POST"]),
         Route("/dead-letters", letters_page),
         Route("/dead-letters/confirm", confirm_replay, methods=["POST"]),
         Route("/dead-letters/replay", replay, methods=["POST"]),

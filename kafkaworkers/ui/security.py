@@ -17,26 +17,23 @@ rebinding page from reaching it under a name of its own.
 
 Secrets: whatever a page shows of the settings goes through :func:`masked`, which hides the
 values whose names say secret (:func:`kafkaworkers.config.redact`) and the password of any
-URL (``postgresql://user:***@db/orders``), wherever it sits.
+value that is a URL (``postgresql://user:***@db/orders``), whatever its name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from kafkaworkers.config import REDACTED, redact
+from kafkaworkers.config import redact, redact_url
 
 __all__ = ["SESSION_COOKIE", "TOKEN_FIELD", "CsrfGuard", "masked", "same_origin"]
 
 SESSION_COOKIE = "kw_session"
-#: ``scheme://user:password@``: the password is what goes.
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^\s/]*@")
 TOKEN_FIELD = "csrf_token"
 
 
@@ -81,5 +78,5 @@ def masked(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [masked(v) for v in value]
     if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED + "@", value)
+        return redact_url(value)
     return value

@@ -227,7 +227,7 @@ def test_dead_letters_filter_by_plugin_exception_and_time(serve: Callable[..., C
 
 
 def test_secrets_in_plugin_settings_and_database_urls_never_reach_a_page(serve: Callable[..., Console]) -> None:
-    secrets = {"api_token": "tok-SECRET-1", "database_url": "postgresql://kw:pw-SECRET-2@db:5432/billing",
+    secrets = {"api_token": "tok-SECRET-1", "dsn": "postgresql://kw:pw-SECRET-2@db:5432/billing",
                "nested": {"password": "pw-SECRET-3"}, "timeout": 5}  # fmt: skip
     browser = Browser(serve(allow_actions=True, plugins={"billing": secrets}).url)
     status, page = browser.get("/")
