@@ -162,8 +162,9 @@ class PostgresStore(Store):
     def _drop(self, held: _PgConnection) -> None:
         """A broken connection goes back to the pool (which discards it); the thread takes a new one next."""
         with self._lock:
-            if held in self._held:
-                self._held.remove(held)
+            if held not in self._held:
+                return  # already given back (a batch's later statements fail on it too)
+            self._held.remove(held)
         if getattr(self._local, "db", None) is held:
             del self._local.db
         self._pool.putconn(held.conn)

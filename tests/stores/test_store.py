@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from kafkaworkers import PluginEnv, Store, StoreConflict, open_store
@@ -223,3 +224,23 @@ def test_the_password_of_the_url_never_shows(pg_server: PgServer, tmp_path: Path
     with pytest.raises(StoreConflict) as failed:
         PostgresStore(unreachable, "servico", [SCHEMA], connect_timeout=1.0)
     assert "hunter2" not in str(failed.value)
+
+
+def test_a_lost_connection_is_a_store_conflict_and_the_next_transaction_reconnects(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+    store = open_store(PluginEnv("servico", {}, tmp_path, url), "servico", SCHEMA)
+    try:
+        write(store, "a")
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(StoreConflict), store.batch():
+            write(store, "b")
+        write(store, "c")
+        assert rows(store) == ["a", "c"], "what the lost transaction wrote is gone; the store works on"
+    finally:
+        store.close()
