@@ -99,8 +99,24 @@ class LiveView:
     answered: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
-    def lag_of(self, plugin: str) -> int:
-        return sum(row.lag.lag for row in self.lags if row.lag.plugin == plugin)
+    def by_plugin(self) -> list[dict[str, Any]]:
+        """One line per plugin: total lag, committed msgs/s, consumed msgs/s, retries waiting, breakers open."""
+        names = sorted({r.lag.plugin for r in self.lags} | {t.plugin for t in self.topics})
+        out = []
+        for name in names:
+            rates = [r.per_second for r in self.lags if r.lag.plugin == name and r.per_second is not None]
+            consumed = [t.per_second for t in self.topics if t.plugin == name and t.per_second is not None]
+            out.append(
+                {
+                    "plugin": name,
+                    "lag": sum(r.lag.lag for r in self.lags if r.lag.plugin == name),
+                    "committed_per_second": sum(rates) if rates else None,
+                    "consumed_per_second": sum(consumed) if consumed else None,
+                    "retrying": sum(w.waiting for w in self.waiting if w.plugin == name),
+                    "open": sum(b.state != "closed" for b in self.breakers if b.plugin == name),
+                }
+            )
+        return out
 
 
 def snapshot(settings: Settings, host: PluginHost, rates: Rates) -> LiveView:

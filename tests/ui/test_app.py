@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 import uvicorn
+from confluent_kafka import TopicPartition
 
 from kafkaworkers import Context, Plugin, RetryPolicy
 from kafkaworkers.config import Settings
@@ -27,6 +28,7 @@ from kafkaworkers.headers import H_EXCEPTION, H_ORIGINAL_OFFSET, H_ORIGINAL_PART
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.transports.memory import MemoryTransport
 from kafkaworkers.ui.app import create_app
+from kafkaworkers.ui.live import Rates
 from tests.conftest import free_port, wait_for
 
 #: 2024-05-01T12:00:00Z and an hour later: the letters' broker timestamps.
@@ -263,3 +265,40 @@ def test_every_page_forbids_framing_and_foreign_scripts(serve: Callable[..., Con
     assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "script-src" not in policy
     with urllib.request.urlopen(url + "/static/style.css", timeout=10) as response:
         assert response.status == 200 and b"svg.graph" in response.read()
+
+
+def test_the_live_page_shows_each_partitions_lag_and_the_committed_offsets_rate(
+    serve: Callable[..., Console],
+) -> None:
+    console = serve(allow_actions=False)
+    producer = console.transport.producer({})
+    for n in range(5):
+        producer.produce("orders", f'{{"n": {n}}}'.encode(), b"k")
+    producer.flush()
+    reader = console.transport.consumer({"group.id": "billing"})
+    reader.commit(offsets=[TopicPartition("orders", 0, 2)], asynchronous=False)
+    browser = Browser(console.url)
+
+    def orders_row(page: str) -> list[str]:
+        row = re.search(r'data-group="billing" data-topic="orders" data-partition="0">(.*?)</tr>', page, re.S)
+        assert row, page
+        return re.findall(r'<td class="num[^"]*">([^<]*)</td>', row.group(1))
+
+    status, page = browser.get("/live")
+    assert status == 200
+    assert orders_row(page) == ["0", "2", "5", "3", "–"], "partition, committed, end, lag, no rate yet"
+    assert re.search(r'<tr data-plugin="billing"><td>billing</td><td class="num lag">3</td>', page)
+    reader.commit(offsets=[TopicPartition("orders", 0, 5)], asynchronous=False)
+    status, page = browser.get("/live")
+    committed, rate = orders_row(page)[1], orders_row(page)[4]
+    assert committed == "5" and float(rate) > 0, "three messages committed since the last look"
+
+
+def test_a_rate_is_the_counters_progress_over_at_least_a_second() -> None:
+    rates = Rates()
+    assert rates.rate(("k",), 10, now=100.0) is None, "nothing to compare the first look with"
+    assert rates.rate(("k",), 20, now=100.5) is None, "half a second is too short to say"
+    assert rates.rate(("k",), 30, now=102.0) == 10.0
+    assert rates.rate(("k",), 31, now=102.2) == 10.0, "a quick reload shows the last rate"
+    assert rates.rate(("k",), 5, now=104.0) is None, "a counter that went back starts again"
+    assert rates.rate(("k",), None) is None
