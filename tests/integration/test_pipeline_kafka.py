@@ -344,19 +344,7 @@ def test_two_reserva_processes_never_oversell(services: Services, tmp_path: Path
             return held if all(held.values()) and every == set(novo) and disjoint else None
 
         before = wait_for(split, 90, f"both reserva processes to hold partitions of {PEDIDO_NOVO}")
-        encoder = msgspec.json.Encoder()
-        per_partition = publish(
-            services.bootstrap,
-            [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(H_CORRELATION_ID, o.order_id.encode())])
-             for o in orders],
-        )  # fmt: skip
-
-        def outcomes() -> bool:
-            services.check_running()
-            watcher.poll()
-            return len({e.order_id for _, e in watcher.events.values()}) >= RACE_ORDERS
-
-        wait_for(outcomes, 120, f"one {RESERVA_ESTOQUE} outcome for each of the {RACE_ORDERS} orders")
+        per_partition = race(services, watcher, orders)
         settle(offsets, {group: services.consumed("reserva")}, watcher)
         after = split()
     finally:
@@ -388,6 +376,24 @@ def test_two_reserva_processes_never_oversell(services: Services, tmp_path: Path
     # until every outcome was out, and each of those partitions carried some of the orders.
     assert after == before, f"the partitions moved during the race: {before} -> {after}"
     assert all(n > 0 for n in handled_by.values()), f"one process received no orders: {handled_by}"
+
+
+def race(services: Services, watcher: Watcher, orders: list[PedidoNovo]) -> collections.Counter[int]:
+    """Send the orders to reserva and wait for each one's outcome; how many went to each partition."""
+    encoder = msgspec.json.Encoder()
+    per_partition = publish(
+        services.bootstrap,
+        [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(H_CORRELATION_ID, o.order_id.encode())])
+         for o in orders],
+    )  # fmt: skip
+
+    def outcomes() -> bool:
+        services.check_running()
+        watcher.poll()
+        return len({e.order_id for _, e in watcher.events.values()}) >= len(orders)
+
+    wait_for(outcomes, 120, f"one {RESERVA_ESTOQUE} outcome for each of the {len(orders)} orders")
+    return per_partition
 
 
 def _single_item_order(order_id: str, sku: str) -> PedidoNovo:

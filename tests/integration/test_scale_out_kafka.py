@@ -25,14 +25,13 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers.retry import dlq_topic
 from kafkaworkers_orders.contracts import PEDIDO_NOVO, RESERVA_ESTOQUE, TOPICS
 from kafkaworkers_orders.reserva import CATALOGUE
 from kafkaworkers_orders.reserva.estoque import Produto, read_catalogue
 from kafkaworkers_orders.scenario import OrderScenario
 from tests.conftest import wait_for
-from tests.integration.test_pipeline_kafka import Services, _single_item_order
+from tests.integration.test_pipeline_kafka import Services, _single_item_order, race
 from tests.judging import Offsets, Watcher, judge, publish, settle, write_catalogue
 from tests.pgserver import PgServer, store_rows
 
@@ -224,19 +223,7 @@ def test_sixty_orders_race_for_thirty_units_across_two_hosts(shared: Services, t
             return held if all(held.values()) and set().union(*held.values()) == set(novo) else None
 
         before = wait_for(split, 90, f"both reserva hosts to hold partitions of {PEDIDO_NOVO}")
-        encoder = msgspec.json.Encoder()
-        per_partition = publish(
-            services.bootstrap,
-            [(PEDIDO_NOVO, o.order_id.encode(), encoder.encode(o), [(H_CORRELATION_ID, o.order_id.encode())])
-             for o in orders],
-        )  # fmt: skip
-
-        def outcomes() -> bool:
-            services.check_running()
-            watcher.poll()
-            return len({e.order_id for _, e in watcher.events.values()}) >= RACE_ORDERS
-
-        wait_for(outcomes, 90, f"one {RESERVA_ESTOQUE} outcome for each of the {RACE_ORDERS} orders")
+        per_partition = race(services, watcher, orders)
         settle(offsets, {group: services.consumed("reserva")}, watcher)
     finally:
         watcher.close()

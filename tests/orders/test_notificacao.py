@@ -307,13 +307,20 @@ class Held:
         self.sent.append(n.idempotency_key)
 
 
-def test_an_event_handled_by_two_instances_at_once_is_sent_by_the_one_holding_the_claim(tmp_path, database_url) -> None:
+def two_instances(tmp_path: Any, database_url: str | None, lease: float) -> tuple[Any, Held, Any, Held]:
+    """Two notificacao instances on one database, each with a held channel, the order's customer known."""
     env = PluginEnv("notificacao", {}, tmp_path, database_url)
-    first, second = Held(), Held()
-    a = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [first], lease=30.0)
-    b = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [second], lease=30.0)
-    with a.store.transaction() as db:
+    made = []
+    for _ in range(2):
+        channel = Held()
+        made += [notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [channel], lease), channel]
+    with made[0].store.transaction() as db:
         db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
+    return made[0], made[1], made[2], made[3]
+
+
+def test_an_event_handled_by_two_instances_at_once_is_sent_by_the_one_holding_the_claim(tmp_path, database_url) -> None:
+    a, first, b, second = two_instances(tmp_path, database_url, lease=30.0)
     sending = threading.Thread(target=a.notificar, args=(ORDER, "separacao_iniciada"))
     sending.start()
     assert first.sending.wait(10)
@@ -329,12 +336,7 @@ def test_an_event_handled_by_two_instances_at_once_is_sent_by_the_one_holding_th
 
 
 def test_a_claim_left_by_an_instance_that_died_is_sent_by_another_once_it_ran_out(tmp_path, database_url) -> None:
-    env = PluginEnv("notificacao", {}, tmp_path, database_url)
-    dead, alive = Held(), Held()
-    a = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [dead], lease=0.3)
-    b = notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [alive], lease=0.3)
-    with a.store.transaction() as db:
-        db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
+    a, dead, b, alive = two_instances(tmp_path, database_url, lease=0.3)
     threading.Thread(target=a.notificar, args=(ORDER, "estorno"), kwargs={"valor": "R$ 1,00"}, daemon=True).start()
     assert dead.sending.wait(10)  # claimed, and never marked: it "died" sending
     alive.go.set()
