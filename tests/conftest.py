@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -93,19 +91,12 @@ def bootstrap() -> str:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    """One PostgreSQL server for the whole run (Debian's postgresql; .ci/run installs it).
-
-    Its directory is made outside pytest's private temporary tree: the server runs as the
-    ``postgres`` user, which must be able to reach it.
-    """
-    base = Path(tempfile.mkdtemp(prefix="kw-pg-"))
-    base.chmod(0o755)
-    server = PgServer(base, port=free_port()).start()
+    """One PostgreSQL server for the whole run (Debian's postgresql; .ci/run installs it)."""
+    server = PgServer(port=free_port()).start()
     try:
         yield server
     finally:
-        server.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,8 +13,9 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,31 @@ def pg_bin() -> Path:
 class PgServer:
     """One PostgreSQL server in ``base_dir``: :meth:`start`, :meth:`create_database`, :meth:`url`, :meth:`stop`.
 
-    :param base_dir: an empty or missing directory for the data, the socket and the log.
+    :param base_dir: an empty or missing directory for the data, the socket and the log, which
+        the ``postgres`` user can reach (pytest's ``tmp_path`` is private to root); by default
+        a new one in the system's temporary directory, removed by :meth:`remove`.
     :param host: the one address it listens on.
     :param port: its TCP port.
     :param user: the superuser the URLs connect as (no password: the server trusts its clients).
+    :param trust: networks (``10.0.0.0/24``) whose clients it trusts besides its own address.
     """
 
-    def __init__(self, base_dir: Path, host: str = "127.0.0.1", port: int = 55432, user: str = "kw") -> None:
+    def __init__(
+        self,
+        base_dir: Path | None = None,
+        host: str = "127.0.0.1",
+        port: int = 55432,
+        user: str = "kw",
+        trust: Sequence[str] = (),
+    ) -> None:
+        if base_dir is None:
+            base_dir = Path(tempfile.mkdtemp(prefix="kw-pg-"))
+            base_dir.chmod(0o755)
         self.base_dir = Path(base_dir)
         self.host = host
         self.port = port
         self.user = user
+        self.trust = tuple(trust)
         self.data = self.base_dir / "data"
         self.socket_dir = self.base_dir / "socket"
         self.log = self.base_dir / "server.log"
@@ -71,6 +86,8 @@ class PgServer:
                 str(self._bin / "initdb"), "-D", str(self.data), "-U", self.user,
                 "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync",
             )  # fmt: skip
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.writelines(f"host all all {network} trust\n" for network in (f"{self.host}/32", *self.trust))
         options = (
             f"-c listen_addresses={self.host} -c port={self.port} -c unix_socket_directories={self.socket_dir}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
@@ -87,6 +104,11 @@ class PgServer:
         """Stop the server (``mode``: smart, fast or immediate); its data stays for another :meth:`start`."""
         if (self.data / "postmaster.pid").exists():
             self._run(str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server at once and delete its directory."""
+        self.stop("immediate")
+        shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def create_database(self, name: str) -> str:
         """Create (or empty, if it exists) the database ``name``; its URL."""
