@@ -414,7 +414,6 @@ def test_a_dead_letter_replayed_through_the_page_is_handled(
         key=lambda m: m.timestamp()[1],
     )
     ref = f"{letter.topic()}:{letter.partition()}:{letter.offset()}"
-    total, waiting = dead_letter_counts(pipeline.bootstrap, notificacao)
     webhook.status = 200  # the cause is fixed
 
     chrome.get(url + "/dead-letters?plugin=notificacao")
@@ -422,7 +421,7 @@ def test_a_dead_letter_replayed_through_the_page_is_handled(
     row.find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
     chrome.find_element(By.ID, "replay-selected").click()
     assert element(chrome, "chosen").text == f"notificacao {letter.partition()}:{letter.offset()}"
-    assert webhook.accepted == [], "the confirmation page sends nothing"
+    assert not set(webhook.accepted) & set(pipeline.orders), "the confirmation page sends nothing"
     shoot(chrome, "confirm-replay")
     chrome.find_element(By.ID, "confirm-replay").click()
     assert (
@@ -431,15 +430,23 @@ def test_a_dead_letter_replayed_through_the_page_is_handled(
     )
 
     wait_for(lambda: chosen in webhook.accepted, 60, f"the replayed notification of {chosen} at the webhook")
-    assert webhook.accepted == [chosen], "only the chosen letter was handled again"
-    assert dead_letter_counts(pipeline.bootstrap, notificacao)[1] <= waiting - 1
+    # Other tests' orders on the shared pedido-novo reach this notificacao too, now that the webhook accepts.
+    ours = [o for o in webhook.accepted if o in pipeline.orders]
+    assert ours == [chosen], "of this test's dead letters, only the chosen one was handled again"
+    ledger = {m.key().decode() for m in read_topic(pipeline.bootstrap, f"{notificacao}-dlq-replayed")}
+    assert ref in ledger, "the replay is recorded, so it leaves the backlog"
     chrome.get(url + "/dead-letters?plugin=notificacao")
     row = chrome.find_element(By.CSS_SELECTOR, f'#letters tr[data-ref="{ref}"]')
     assert "replayed" in row.text
     assert row.find_element(By.CSS_SELECTOR, "input[type=checkbox]").get_attribute("disabled") is not None
-    [summary] = cells(chrome, "dlq-summary", '[data-plugin="notificacao"]')
-    assert (int(summary["total"]), int(summary["waiting"])) == dead_letter_counts(pipeline.bootstrap, notificacao)
-    assert int(summary["total"]) >= total
+
+    def counts_agree() -> bool:
+        chrome.get(url + "/dead-letters?plugin=notificacao")
+        [summary] = cells(chrome, "dlq-summary", '[data-plugin="notificacao"]')
+        shown = (int(summary["total"]), int(summary["waiting"]))
+        return shown == dead_letter_counts(pipeline.bootstrap, notificacao) and shown[1] < shown[0]
+
+    wait_for(counts_agree, 60, "the page's dead-letter counts, one replayed, to match the topics", interval=1)
 
 
 def test_pause_and_resume_through_the_page_reach_the_worker(pipeline: Pipeline, chrome: WebDriver) -> None:
@@ -457,7 +464,6 @@ def test_pause_and_resume_through_the_page_reach_the_worker(pipeline: Pipeline, 
     chrome.get(url + "/workers")
     states = {r["cells"].split("|")[6] for r in cells(chrome, "members", '[data-plugin="notificacao"]')}
     assert states == {"paused (paused by control)"} or all(s.startswith("paused") for s in states), states
-    shoot(chrome, "workers-paused")
 
     element(chrome, "plugin-actions").find_element(
         By.CSS_SELECTOR, 'tr[data-plugin="notificacao"] button.resume'
