@@ -30,6 +30,7 @@ import msgspec
 
 from kafkaworkers import Context, Plugin, PluginEnv, hookimpl
 from kafkaworkers.config import load_settings, redact_url
+from kafkaworkers.stores import namespace
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
     PEDIDO_NOVO,
@@ -119,7 +120,7 @@ def _env(data_dir: Path | None) -> PluginEnv:
 
 def _where(env: PluginEnv) -> str:
     return (
-        f"PostgreSQL schema reserva_estoque ({redact_url(env.database_url)})"
+        f"PostgreSQL schema {namespace(plugin.name, STORE)} ({redact_url(env.database_url)})"
         if env.database_url
         else str(env.data_dir / f"{STORE}.sqlite3")
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -312,6 +313,22 @@ def test_stock_load_sets_counts_and_stock_show_lists_them(cli: click.Group, cata
     assert shown.exit_code == 0, shown.output
     lines = [line.split() for line in shown.output.splitlines()]
     assert lines == [["CAM-001", "42", "Camiseta"], ["TEN-001", "1", "Tênis"]]
+
+
+def test_stock_load_and_show_use_the_shared_database_when_there_is_one(
+    cli: click.Group, catalogue: Path, tmp_path: Path, pg_server
+) -> None:
+    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}").replace("@", ":hunter2@", 1)
+    runner = CliRunner(env={"KAFKAWORKERS_DATABASE_URL": url, "KAFKAWORKERS_DATA_DIR": str(tmp_path / "host-a")})
+    loaded = runner.invoke(cli, ["stock", "load", "--file", str(catalogue)])
+    assert loaded.exit_code == 0, loaded.output
+    assert "2 products loaded into PostgreSQL schema reserva_estoque" in loaded.output
+    assert "hunter2" not in loaded.output
+    elsewhere = CliRunner(env={"KAFKAWORKERS_DATABASE_URL": url, "KAFKAWORKERS_DATA_DIR": str(tmp_path / "host-b")})
+    shown = elsewhere.invoke(cli, ["stock", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert [line.split()[:2] for line in shown.output.splitlines()] == [["CAM-001", "5"], ["TEN-001", "1"]]
+    assert not (tmp_path / "host-a" / "reserva" / "estoque.sqlite3").exists()
 
 
 def test_stock_load_without_a_file_loads_the_seed_catalogue(cli: click.Group, tmp_path: Path) -> None:
