@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -212,3 +213,23 @@ def test_velocity_survives_a_restart(kafkaworkers_harness, tmp_path: Path) -> No
     second.run_until_idle()
 
     assert verdicts(second)["p3"].motivos == ["muitos pedidos do cliente: 4 em 60 min (máximo 3)"]
+
+
+def test_velocity_counts_the_orders_every_instance_judged_and_a_shared_order_keeps_one_verdict(
+    kafkaworkers_harness, tmp_path: Path, database_url: str | None
+) -> None:
+    a, b = (kafkaworkers_harness(fraude.plugin, data_dir=tmp_path, database_url=database_url) for _ in range(2))
+    for n, harness in enumerate((a, b, a)):
+        harness.produce(
+            PEDIDO_NOVO, pedido(f"p{n}", token=f"tok_{n}", criado_em=T0 + timedelta(minutes=n)), key=f"p{n}"
+        )
+        harness.run_until_idle()
+    for harness in (a, b):  # both handle p3, as while its partition moves
+        harness.produce(PEDIDO_NOVO, pedido("p3", token="tok_3", criado_em=T0 + timedelta(minutes=3)), key="p3")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda h: h.run_until_idle(), (a, b)))
+
+    assert (
+        verdicts(a)["p3"].motivos == verdicts(b)["p3"].motivos == ["muitos pedidos do cliente: 4 em 60 min (máximo 3)"]
+    )
+    assert a.state("fraude").store.db.execute("SELECT count(*) FROM analise").fetchone() == (4,)
