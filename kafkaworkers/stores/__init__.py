@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from kafkaworkers.errors import ConfigError
+
 if TYPE_CHECKING:
     from kafkaworkers.api import PluginEnv
 
@@ -161,7 +163,12 @@ def open_store(env: PluginEnv, name: str, schema: str | Sequence[str]) -> Store:
     statements = [schema] if isinstance(schema, str) else list(schema)
     url = env.database_url
     if url:
-        from kafkaworkers.stores.postgres import PostgresStore
+        try:
+            from kafkaworkers.stores.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"database_url of plugin {env.name!r} needs psycopg 3: pip install 'kafkaworkers[postgres]' ({exc})"
+            ) from None
 
         return PostgresStore(url, namespace(env.name, name), statements)
     from kafkaworkers.stores.sqlite import SqliteStore

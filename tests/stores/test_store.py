@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kafkaworkers import PluginEnv, Store, StoreConflict, open_store
+from kafkaworkers import ConfigError, PluginEnv, Store, StoreConflict, open_store
 from tests.pgserver import PgServer
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS feito (chave TEXT PRIMARY KEY, n BIGINT NOT NULL DEFAULT 0);"
@@ -244,3 +244,13 @@ def test_a_lost_connection_is_a_store_conflict_and_the_next_transaction_reconnec
         assert rows(store) == ["a", "c"], "what the lost transaction wrote is gone; the store works on"
     finally:
         store.close()
+
+
+def test_a_database_url_without_psycopg_installed_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "kafkaworkers.stores.postgres", None)  # as if psycopg were missing
+    env = PluginEnv("servico", {}, tmp_path, "postgresql://app:hunter2@db/orders")
+    with pytest.raises(ConfigError, match=r"pip install 'kafkaworkers\[postgres\]'") as refused:
+        open_store(env, "servico", SCHEMA)
+    assert "hunter2" not in str(refused.value)
