@@ -25,12 +25,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -41,11 +39,11 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from kafkaworkers.breaker import STATE_VALUES
-from kafkaworkers.headers import H_CORRELATION_ID
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.retry import dlq_topic, retry_topic
-from kafkaworkers_orders.contracts import PEDIDO_NOVO, Cartao, Cliente, Item, PedidoNovo, event_id_for
-from tests.conftest import FAST_GROUP, KW, free_port, http_get, wait_for
+from kafkaworkers_orders.contracts import PEDIDO_NOVO
+from kafkaworkers_orders.scenario import OrderScenario
+from tests.conftest import FAST_GROUP, KW, SEED, free_port, http_get, wait_for
 from tests.judging import Offsets, holdings, publish
 
 pytestmark = pytest.mark.kafka
@@ -144,20 +142,6 @@ class Pipeline:
                 proc.kill()
 
 
-def order(order_id: str) -> PedidoNovo:
-    now = datetime.now(UTC)
-    return PedidoNovo(
-        order_id=order_id,
-        event_id=event_id_for(order_id, PEDIDO_NOVO),
-        occurred_at=now,
-        criado_em=now,
-        cliente=Cliente(id=f"CLI-{order_id}", nome="Ana Souza", email=f"ana.{order_id.lower()}@example.com"),
-        itens=[Item(sku="SKU-UI", quantidade=1, preco_unitario_centavos=1990)],
-        cartao=Cartao(token="tok_aprovado", final="4242", pais_emissor="BR"),
-        pais_entrega="BR",
-    )
-
-
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
     """Every record of ``topic`` up to its end now (assigned, no group)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ui-reader-{uuid.uuid4().hex}",
@@ -209,10 +193,10 @@ def pipeline(bootstrap: str, tmp_path_factory: pytest.TempPathFactory, webhook: 
             return {t for t, _ in holdings(run.log("notificacao"))} >= {*consumed, *retries}
 
         wait_for(joined, 90, "notificacao to hold its partitions")
-        run.orders = [f"UI-{run.prefix}{n:02d}" for n in range(ORDERS)]
-        encoder = msgspec.json.Encoder()
-        messages = [(PEDIDO_NOVO, o.encode(), encoder.encode(order(o)), [(H_CORRELATION_ID, o.encode())])
-                    for o in run.orders]  # fmt: skip
+        scenario = OrderScenario(run_id=run.prefix.strip("-"))
+        print(f"random seed {SEED}; replay with KAFKAWORKERS_TEST_SEED={SEED}")
+        messages = list(scenario.generate(ORDERS, SEED))
+        run.orders = list(scenario.tracks)
         publish(bootstrap, [*messages, (PEDIDO_NOVO, f"{run.prefix}poison".encode(), POISON, [])])
         ours = {*run.orders, f"{run.prefix}poison"}
         wait_for(
