@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import jinja2
+from confluent_kafka import KafkaException
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -53,6 +54,9 @@ _HEADERS = [
 ]
 _LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
 _COMMANDS = ("pause", "resume")
+#: What a page shows as "could not show this page" (503) instead of a bare 500: the broker's
+#: errors, as kafkaworkers reports them or as librdkafka raised them.
+_FAILURES = (KafkaWorkersError, KafkaException)
 
 
 @dataclass
@@ -151,7 +155,7 @@ def create_app(
         )
         try:
             summaries, found = letters.browse(settings, console.groups, filters)
-        except KafkaWorkersError as exc:
+        except _FAILURES as exc:
             return failed(request, exc)
         return render(request, "letters.html", summaries=summaries, found=found, filters=filters,
                       since=query.get("since", ""), until=query.get("until", ""))  # fmt: skip
@@ -164,7 +168,7 @@ def create_app(
             found = letters.find(
                 settings, console.groups[plugin], request.path_params["partition"], request.path_params["offset"]
             )
-        except KafkaWorkersError as exc:
+        except _FAILURES as exc:
             return failed(request, exc)
         if found is None:
             return render(request, "error.html", 404, error="no such dead letter")
@@ -195,7 +199,7 @@ def create_app(
             try:
                 report = await run_in_threadpool(letters.replay_selected, settings, group, refs)
                 results.append((plugin, report.counts(), None))
-            except KafkaWorkersError as exc:
+            except _FAILURES as exc:
                 results.append((plugin, None, str(exc)))
         log.info("console replay: %s", [(p, c) for p, c, _ in results])
         return render(request, "replayed.html", results=results)
@@ -203,14 +207,14 @@ def create_app(
     def live_page(request: Request) -> Response:
         try:
             view = live.snapshot(settings, host, console.rates)
-        except KafkaWorkersError as exc:
+        except _FAILURES as exc:
             return failed(request, exc)
         return render(request, "live.html", view=view)
 
     def workers_page(request: Request) -> Response:
         try:
             members = live.members(settings, host)
-        except KafkaWorkersError as exc:
+        except _FAILURES as exc:
             return failed(request, exc)
         return render(request, "workers.html", members=members, commands=_COMMANDS)
 
@@ -225,7 +229,7 @@ def create_app(
             return render(request, "error.html", 400, error="unknown command or plugin")
         try:
             replies = await run_in_threadpool(live.command, settings, command, plugin, worker)
-        except KafkaWorkersError as exc:
+        except _FAILURES as exc:
             return failed(request, exc)
         return render(request, "controlled.html", command=command, plugin=plugin, worker=worker, replies=replies)
 

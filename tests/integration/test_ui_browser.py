@@ -101,6 +101,10 @@ class Pipeline:
             "KAFKAWORKERS_PLUGINS__NOTIFICACAO__CHANNELS": '["webhook"]',
             "KAFKAWORKERS_PLUGINS__NOTIFICACAO__WEBHOOK_URL": webhook.url,
             "KAFKAWORKERS_PLUGINS__NOTIFICACAO__TIMEOUT": "5",
+            # Control topics of this module's own: a pause reaches no other test's notificacao,
+            # and no other notificacao answers this console's pings.
+            "KAFKAWORKERS_CONTROL_TOPIC": f"{self.prefix}control",
+            "KAFKAWORKERS_CONTROL_REPLIES_TOPIC": f"{self.prefix}control-replies",
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.orders: list[str] = []
