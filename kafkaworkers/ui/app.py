@@ -52,7 +52,7 @@ _HEADERS = [
     (b"referrer-policy", b"same-origin"),  # no-referrer would make a browser send Origin: null
     (b"x-frame-options", b"DENY"),
 ]
-_LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
+_LOOPBACK = ["127.0.0.1", "localhost", "[::1]"]
 _COMMANDS = ("pause", "resume")
 #: What a page shows as "could not show this page" (503) instead of a bare 500: the broker's
 #: errors, as kafkaworkers reports them or as librdkafka raised them.
@@ -244,7 +244,8 @@ def create_app(
         Route("/dead-letters/{plugin}/{partition:int}/{offset:int}", letter_page),
         Mount("/static", StaticFiles(packages=[("kafkaworkers.ui", "static")]), name="static"),
     ]
-    hosts = ["*"] if bind in ("0.0.0.0", "::", "") else sorted({bind, *_LOOPBACK})
+    # Starlette compares Host without its port, an IPv6 address in its brackets.
+    hosts = ["*"] if bind in ("0.0.0.0", "::", "") else sorted({f"[{bind}]" if ":" in bind else bind, *_LOOPBACK})
     return Starlette(
         routes=routes, middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts), Middleware(_SecurityHeaders)]
     )
