@@ -4,7 +4,9 @@ A topic's role comes from the declarations: a plugin's ``consumes`` (read) and `
 (written), and the topics the runtime makes for each consumer group: ``<group>-retry-<n>``,
 ``<group>-dlq`` and the replay ledger ``<group>-dlq-replayed``. A group's topics on the broker
 are recognised by name even when no installed plugin runs under that group (a one-off
-``run --group-id`` leaves them behind; ``topics delete --group-id`` removes them).
+``run --group-id`` leaves them behind; ``topics delete --group-id`` removes them). The
+framework's own control topics (the ``control_topic`` and ``control_replies_topic`` settings,
+:mod:`kafkaworkers.control`) are listed as its own, with the workers that read or answer them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class TopicRole:
     """What the installed plugins (and the runtime for their groups) do with one topic.
 
     :param kind: ``declared`` (a plugin's own topic), ``retry``, ``dlq``, ``ledger`` (which
-        dead letters were replayed) or ``undeclared``.
+        dead letters were replayed), ``control`` (commands to the workers), ``replies`` (their
+        answers) or ``undeclared``.
     :param group: the consumer group of a retry, dead-letter or ledger topic.
     :param type: the declared message type's name, for a declared topic.
     """
@@ -64,9 +67,17 @@ class TopicRole:
             return self.type or "declared"
         if self.kind == "undeclared":
             return "declared by no installed plugin"
+        if self.kind in _FRAMEWORK:
+            return _FRAMEWORK[self.kind]
         return {"retry": "retries", "dlq": "dead letters", "ledger": "replay ledger"}[self.kind] + (
             f" of group {self.group}"
         )
+
+
+#: The framework's own topics' roles, as ``topics list`` describes them.
+_FRAMEWORK = {"control": "kafkaworkers control commands", "replies": "kafkaworkers control replies"}
+#: Who writes commands and reads the answers: the ``control`` command, and the console's pause and resume.
+_CONTROLLERS = ["control", "ui"]
 
 
 def topic_type(host: PluginHost, topic: str) -> type:
@@ -173,6 +184,12 @@ def declared_topics(host: PluginHost, settings: Settings) -> dict[str, TopicRole
             roles[dlq_topic(group)].readers.append("dlq replay")
         ledger = role(ledger_topic(group), "ledger", group)
         ledger.readers[:] = ledger.writers[:] = ["dlq replay"]
+    # Every worker (``kafkaworkers run``) reads the commands and answers them, whatever it runs.
+    workers = sorted(host.plugins)
+    commands = role(settings.control_topic, "control")
+    commands.readers[:], commands.writers[:] = workers, _CONTROLLERS
+    replies = role(settings.control_replies_topic, "replies")
+    replies.readers[:], replies.writers[:] = _CONTROLLERS, workers
     return roles
 
 
@@ -323,8 +340,9 @@ def topics_list(ctx: click.Context, /, declared: bool, fmt: str, config_file: st
     roles = declared_topics(plugin_host(ctx), settings)
     present = _admin(settings).list_topics()
     names = sorted(set(roles) | (set() if declared else set(present)))
-    # A ledger exists only once something was replayed: not missing when absent.
-    names = [n for n in names if n in present or roles[n].kind != "ledger"]
+    # A ledger exists only once something was replayed, the control topics once a worker or
+    # ``control`` made them: not missing when absent.
+    names = [n for n in names if n in present or roles[n].kind not in ("ledger", "control", "replies")]
     rows = [{"topic": n, "partitions": present.get(n), **asdict(_role(n, roles))} for n in names]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
@@ -351,7 +369,8 @@ def topics_describe(ctx: click.Context, /, topic: str, fmt: str, config_file: st
     role = _role(topic, declared_topics(plugin_host(ctx), settings))
     description = _admin(settings).describe_topic(topic)
     if description is None:
-        hint = "; `kafkaworkers topics create` creates it" if role.kind != "undeclared" else ""
+        creatable = role.kind in ("declared", "retry", "dlq")
+        hint = "; `kafkaworkers topics create` creates it" if creatable else ""
         raise KafkaWorkersError(f"no topic {topic!r} on {settings.bootstrap_servers}{hint}")
     data = {"topic": topic, **asdict(description), **asdict(role)}
     if fmt == "json":

@@ -72,6 +72,35 @@ def test_list_text_is_aligned_and_names_a_one_off_groups_topics(broker):
     assert all(line[role_at - 2 : role_at] == "  " and line[role_at] != " " for line in lines[1:])
 
 
+def test_list_names_the_control_topics_as_the_frameworks_with_the_workers_that_read_and_answer_them(
+    broker, monkeypatch
+):
+    memory = MemoryTransport.named(broker.removeprefix("memory://")).broker
+    memory.create_topic("ops-commands", 1)
+    memory.create_topic("ops-answers", 1)
+    monkeypatch.setenv("KAFKAWORKERS_CONTROL_TOPIC", "ops-commands")
+    monkeypatch.setenv("KAFKAWORKERS_CONTROL_REPLIES_TOPIC", "ops-answers")
+
+    rows = {row["topic"]: row for row in json.loads(kw("topics", "list", "-b", broker, "--format", "json").stdout)}
+    text = {line.split()[0]: line for line in kw("topics", "list", "-b", broker).stdout.splitlines()}
+
+    plugins = sorted(rows["fraude-dlq"]["writers"] + rows["reserva-dlq"]["writers"])
+    commands, answers = rows["ops-commands"], rows["ops-answers"]
+    assert commands["kind"] == "control" and answers["kind"] == "replies"
+    assert set(plugins) <= set(commands["readers"]) and commands["readers"] == answers["writers"]
+    assert commands["writers"] == answers["readers"] == ["control", "ui"]
+    assert "kafkaworkers control commands" in text["ops-commands"] and "no installed plugin" not in text["ops-commands"]
+    assert "kafkaworkers control replies" in text["ops-answers"]
+    declared = kw("topics", "list", "--declared", "-b", broker).stdout
+    assert "ops-commands" in declared, "present: listed with the declared topics"
+
+
+def test_list_declared_does_not_call_control_topics_missing_before_anything_made_them(broker):
+    url = f"memory://empty-{uuid.uuid4().hex[:8]}"
+    rows = json.loads(kw("topics", "list", "--declared", "-b", url, "--format", "json").stdout)
+    assert not {"kafkaworkers-control", "kafkaworkers-control-replies"} & {row["topic"] for row in rows}
+
+
 def test_list_declared_shows_missing_topics(broker):
     url = f"memory://empty-{uuid.uuid4().hex[:8]}"
     result = kw("topics", "list", "--declared", "-b", url, "--format", "json")
