@@ -107,6 +107,9 @@ class KafkaAdmin:
                     result[group] = []
                     continue
                 raise BrokerUnavailable(f"cannot describe group {group!r}: {_reason(exc)}") from None
+            except TimeoutError:  # no broker answered at all: say so as _metadata does
+                reason = f"no answer describing group {group!r} within {timeout:.0f} s"
+                raise BrokerUnavailable(unreachable(self._servers, self._protocol, reason)) from None
             result[group] = [
                 GroupMember(
                     member.member_id,

@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgspec
@@ -66,7 +67,7 @@ class Browser:
 
     def _open(self, request: urllib.request.Request) -> tuple[int, str]:
         try:
-            with self.opener.open(request, timeout=10) as response:
+            with self.opener.open(request, timeout=30) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
@@ -94,7 +95,9 @@ def serve() -> Iterator[Callable[..., Console]]:
     """Start the console (uvicorn on loopback) on a fresh in-memory broker with two dead letters."""
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(allow_actions: bool, plugins: dict[str, dict[str, object]] | None = None) -> Console:
+    def start(
+        allow_actions: bool, plugins: dict[str, dict[str, object]] | None = None, bootstrap: str | None = None
+    ) -> Console:
         name = f"ui-{uuid.uuid4().hex[:8]}"
         transport = MemoryTransport.named(name)
         for topic in ("orders", "billing-retry-1", "billing-dlq"):
@@ -111,7 +114,7 @@ def serve() -> Iterator[Callable[..., Console]]:
         producer.flush()
         host = PluginHost()
         host.register(billing(), "billing")
-        settings = Settings(bootstrap_servers=f"memory://{name}", plugins=plugins or {})
+        settings = Settings(bootstrap_servers=bootstrap or f"memory://{name}", plugins=plugins or {})
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(create_app(settings, host, allow_actions=allow_actions), host="127.0.0.1", port=port,
@@ -302,3 +305,18 @@ def test_a_rate_is_the_counters_progress_over_at_least_a_second() -> None:
     assert rates.rate(("k",), 31, now=102.2) == 10.0, "a quick reload shows the last rate"
     assert rates.rate(("k",), 5, now=104.0) is None, "a counter that went back starts again"
     assert rates.rate(("k",), None) is None
+
+
+def test_every_page_that_reads_the_cluster_answers_503_saying_why_when_no_broker_listens(
+    serve: Callable[..., Console],
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"  # a real client against a port nothing listens on
+    browser = Browser(serve(allow_actions=True, bootstrap=nowhere).url)
+    pages = ["/live", "/workers", "/dead-letters", "/dead-letters/billing/0/0"]
+    with ThreadPoolExecutor(len(pages)) as pool:  # each waits out the client's timeout: together, not in turn
+        answers = dict(zip(pages, pool.map(browser.get, pages), strict=True))
+    for path, (status, page) in answers.items():
+        assert status == 503, (path, status, page)
+        assert "Could not show this page" in page and f"cannot reach Kafka at {nowhere}" in page, (path, page)
+    status, page = browser.get("/")
+    assert status == 200, "the topology is what the plugins declare: it needs no broker"
