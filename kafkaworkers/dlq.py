@@ -61,13 +61,13 @@ import time
 import unicodedata
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import click
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from kafkaworkers.clikit import OneLineErrors, load_cli_settings, plugin_host, settings_options
 from kafkaworkers.config import Settings, admin_config
@@ -197,11 +197,19 @@ def read_dead_letters(
     transport: Transport | None = None,
     partitions: int | None = None,
     timeout: float = READ_TIMEOUT,
-) -> Iterator[DeadLetter]:
+    newest: int | None = None,
+    start: Mapping[int, int] | None = None,
+    unread: dict[int, int] | None = None,
+) -> Generator[DeadLetter]:
     """Every record of ``topic`` from its beginning to the high watermarks seen at the start.
 
     :param partitions: the topic's partition count, if known; looked up otherwise, and a
         missing topic yields nothing.
+    :param newest: read only the last this many offsets of each partition (a page that shows
+        the latest letters need not read a topic that grew for months).
+    :param start: read only these partitions, each from this offset on.
+    :param unread: filled with, per partition, how many offsets before the first one read were
+        left unread (offsets, so transaction markers count too: at most that many letters).
     :raises BrokerUnavailable: the broker cannot be reached, or sent nothing for ``timeout`` seconds.
     """
     transport = transport or transport_for(settings.bootstrap_servers)
@@ -217,13 +225,19 @@ def read_dead_letters(
     consumer = transport.consumer(config)
     try:
         ends: dict[int, int] = {}
-        for p in range(partitions):
+        firsts: dict[int, int] = {}
+        for p in range(partitions) if start is None else sorted(p for p in start if 0 <= p < partitions):
             low, high = watermarks(consumer, TopicPartition(topic, p), _METADATA_TIMEOUT)
-            if high > low:
-                ends[p] = high
+            first = low if start is None else max(low, start[p])
+            if newest is not None:
+                first = max(first, high - newest)
+            if unread is not None:
+                unread[p] = first - low
+            if high > first:
+                ends[p], firsts[p] = high, first
         if not ends:
             return
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(ends)])
+        consumer.assign([TopicPartition(topic, p, firsts[p]) for p in sorted(ends)])
         deadline = time.monotonic() + timeout
         while ends:
             if time.monotonic() > deadline:

@@ -258,9 +258,17 @@ def retries(
     *,
     transport: Transport | None = None,
     timeout: float = READ_TIMEOUT,
+    sample: int | None = None,
 ) -> list[Waiting]:
     """Per retry partition of every plugin: how many messages wait for the retry group, and
-    when the next and the last of them are due."""
+    when the next and the last of them are due.
+
+    :param sample: read only the first and the last this many waiting messages of each
+        partition for the due times (what a page reloaded every few seconds can afford with a
+        backlog of millions). A retry topic's messages are appended a fixed delay from their
+        failure, so the due times grow along a partition but for the policy's jitter: the
+        earliest is among the first, the latest among the last.
+    """
     transport = transport or transport_for(settings.bootstrap_servers)
     present = transport.admin(admin_config(settings)).list_topics()
     rows = []
@@ -274,7 +282,8 @@ def retries(
         for tp, committed, low, high in _offsets(settings, transport, group, tps):
             start = max(committed if committed is not None else low, low)
             ranges[(tp.topic, tp.partition)] = (start, high)
-        dues = _due_times(settings, transport, {tp: r for tp, r in ranges.items() if r[1] > r[0]}, timeout)
+        dues = _sampled_due_times(settings, transport, {tp: r for tp, r in ranges.items() if r[1] > r[0]}, timeout,
+                                  sample)  # fmt: skip
         for (topic, partition), (start, end) in ranges.items():
             due = dues.get((topic, partition))
             rows.append(
@@ -306,6 +315,26 @@ def _offsets(
             yield tp, tp.offset if tp.offset >= 0 else None, low, high
     finally:
         consumer.close()
+
+
+def _sampled_due_times(
+    settings: Settings,
+    transport: Transport,
+    ranges: dict[tuple[str, int], tuple[int, int]],
+    timeout: float,
+    sample: int | None,
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """:func:`_due_times` of each range, or of its first and last ``sample`` offsets only."""
+    if sample is None:
+        return _due_times(settings, transport, ranges, timeout)
+    heads = {tp: (start, min(end, start + sample)) for tp, (start, end) in ranges.items()}
+    tails = {tp: (max(start + sample, end - sample), end) for tp, (start, end) in ranges.items()
+             if end - start > sample}  # fmt: skip
+    dues = _due_times(settings, transport, heads, timeout)
+    for tp, (first, last) in _due_times(settings, transport, tails, timeout).items():
+        head = dues.get(tp)
+        dues[tp] = (first, last) if head is None else (min(head[0], first), max(head[1], last))
+    return dues
 
 
 def _due_times(

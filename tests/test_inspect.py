@@ -10,6 +10,7 @@ import msgspec
 
 from kafkaworkers import Context, Plugin, Retry, RetryPolicy
 from kafkaworkers.clock import ManualClock
+from kafkaworkers.headers import H_DUE
 from kafkaworkers.inspect import Identity, Partition, client_id, lag, parse_client_id, retries, workers
 from kafkaworkers.testing import Harness
 
@@ -87,3 +88,24 @@ def test_retries_counts_the_uncommitted_retry_messages_and_their_due_times(kafka
     assert (row.group, row.topic, row.partition, row.waiting) == ("probe-retry", "probe-retry-1", 0, 2)
     start_ms = int((clock.time() - 5) * 1000)
     assert (row.next_due_ms, row.last_due_ms) == (start_ms + 30_000, start_ms + 35_000)
+
+
+def test_retries_with_a_sample_reads_due_times_from_the_first_and_last_waiting_messages_only(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    p = plugin()
+    harness = kafkaworkers_harness(p, partitions=1)
+    producer = harness.transport.producer({})
+    dues = [1_000 + n for n in range(50)]
+    dues[25] = 1  # in the middle: a whole read sees it, a sample of ten at each end does not
+    for due in dues:
+        producer.produce("probe-retry-1", b"{}", b"k", headers=[(H_DUE, str(due).encode())])
+    producer.flush()
+
+    [whole] = retries(harness.settings, [p], transport=harness.transport)
+    [sampled] = retries(harness.settings, [p], transport=harness.transport, sample=10)
+    [short] = retries(harness.settings, [p], transport=harness.transport, sample=30)
+
+    assert (whole.waiting, whole.next_due_ms, whole.last_due_ms) == (50, 1, 1_049)
+    assert (sampled.waiting, sampled.next_due_ms, sampled.last_due_ms) == (50, 1_000, 1_049)
+    assert (short.next_due_ms, short.last_due_ms) == (1, 1_049), "heads and tails overlap: every message read"

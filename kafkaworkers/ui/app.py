@@ -54,6 +54,8 @@ _HEADERS = [
 ]
 _LOOPBACK = ["127.0.0.1", "localhost", "[::1]"]
 _COMMANDS = ("pause", "resume")
+#: The dead letters a page lists at most, newest first.
+_SHOWN = 200
 #: What a page shows as "could not show this page" (503) instead of a bare 500: the broker's
 #: errors, as kafkaworkers reports them or as librdkafka raised them.
 _FAILURES = (KafkaWorkersError, KafkaException)
@@ -153,12 +155,15 @@ def create_app(
             since_ms=_ms(query.get("since")),
             until_ms=_ms(query.get("until")),
         )
+        asked = query.get("depth", "")
+        depth = min(int(asked), letters.MAX_DEPTH) if asked.isdigit() and int(asked) > 0 else letters.DEPTH
         try:
-            summaries, found = letters.browse(settings, console.groups, filters)
+            summaries, found = letters.browse(settings, console.groups, filters, limit=_SHOWN, depth=depth)
         except _FAILURES as exc:
             return failed(request, exc)
         return render(request, "letters.html", summaries=summaries, found=found, filters=filters,
-                      since=query.get("since", ""), until=query.get("until", ""))  # fmt: skip
+                      since=query.get("since", ""), until=query.get("until", ""), depth=depth, shown=_SHOWN,
+                      max_depth=letters.MAX_DEPTH)  # fmt: skip
 
     def letter_page(request: Request) -> Response:
         plugin = request.path_params["plugin"]
@@ -209,7 +214,7 @@ def create_app(
             view = live.snapshot(settings, host, console.rates)
         except _FAILURES as exc:
             return failed(request, exc)
-        return render(request, "live.html", view=view)
+        return render(request, "live.html", view=view, due_sample=live.DUE_SAMPLE)
 
     def workers_page(request: Request) -> Response:
         try:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a ping waits for the workers' answers; the page waits this long at most for them.
 PING_TIMEOUT = 2.0
+#: Due times come from the first and last this many messages waiting in each retry partition:
+#: a page load reads a bounded amount however long the backlog.
+DUE_SAMPLE = 100
 #: A rate is computed over at least this many seconds, so quick reloads do not make it noise.
 MIN_SPAN = 1.0
 _STATES = {value: name for name, value in STATE_VALUES.items()}
@@ -127,7 +130,7 @@ def snapshot(settings: Settings, host: PluginHost, rates: Rates) -> LiveView:
         LagRow(row, rates.rate(("offset", row.group, row.topic, str(row.partition)), row.committed, now))
         for row in inspect.lag(settings, plugins)
     ]
-    view = LiveView(lags=lags, waiting=inspect.retries(settings, plugins))
+    view = LiveView(lags=lags, waiting=inspect.retries(settings, plugins, sample=DUE_SAMPLE))
     consumed: dict[tuple[str, str], float] = {}
     for worker, url, families in _scrapes(settings, plugins, view.problems):
         view.answered.append(worker)

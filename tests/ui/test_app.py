@@ -28,6 +28,7 @@ from kafkaworkers.config import Settings
 from kafkaworkers.headers import H_EXCEPTION, H_ORIGINAL_OFFSET, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC, H_REPLAYED_FROM
 from kafkaworkers.plugins import PluginHost
 from kafkaworkers.transports.memory import MemoryTransport
+from kafkaworkers.ui import letters
 from kafkaworkers.ui.app import create_app
 from kafkaworkers.ui.live import Rates
 from tests.conftest import free_port, wait_for
@@ -320,3 +321,38 @@ def test_every_page_that_reads_the_cluster_answers_503_saying_why_when_no_broker
         assert "Could not show this page" in page and f"cannot reach Kafka at {nowhere}" in page, (path, page)
     status, page = browser.get("/")
     assert status == 200, "the topology is what the plugins declare: it needs no broker"
+
+
+def test_the_dead_letter_page_reads_only_the_newest_offsets_of_each_partition_and_says_how_far_back(
+    serve: Callable[..., Console],
+) -> None:
+    console = serve(allow_actions=False)
+    producer = console.transport.producer({})
+    more = letters.DEPTH + 10  # after the fixture's two: offsets 2 .. DEPTH + 11
+    for n in range(more):
+        exc = b"TimeoutError" if n % 2 else b"PermanentError"
+        headers = [(H_ORIGINAL_TOPIC, b"orders"), (H_EXCEPTION, exc)]
+        producer.produce("billing-dlq", b"{}", f"late-{n}".encode(), timestamp=ONE + 1000 * (n + 1), headers=headers)
+    producer.flush()
+    browser = Browser(console.url)
+
+    def summary(page: str) -> tuple[int, str]:
+        total = re.search(r'<td class="num total">(\d+)</td>', page)
+        unread = re.search(r'<td class="num unread">([^<]*)</td>', page)
+        assert total and unread, page
+        return int(total.group(1)), unread.group(1)
+
+    status, page = browser.get("/dead-letters")
+    assert status == 200
+    assert summary(page) == (letters.DEPTH, "up to 12 (read back to 2024-05-01T13:00:11Z)"), "the newest DEPTH, no more"
+    assert f"the newest {letters.DEPTH} offsets of each dead-letter partition" in page
+    assert len(re.findall(r'data-ref="billing-dlq:0:(\d+)"', page)) == 200, "the page lists the newest 200"
+
+    status, page = browser.get("/dead-letters?depth=20&exception=Permanent")
+    assert summary(page)[0] == 20
+    shown = [int(o) for o in re.findall(r'data-ref="billing-dlq:0:(\d+)"', page)]
+    assert shown == list(range(more, more - 20, -2)), "the filter applies to the 20 read: 10 match"
+    assert browser.get("/dead-letters?depth=999999999")[1].count(f'value="{letters.MAX_DEPTH}"') == 1, "bounded"
+
+    status, page = browser.get("/dead-letters/billing/0/0")
+    assert status == 200 and "order-0" in page, "a letter's own page reads it where it is, however old"
