@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 Held = tuple[str, "bytes | None", "bytes | None", Headers, Message, str]
+#: A produced message as :meth:`Batch.finish` matches a failed delivery to it: (topic, key, value, source, kind).
+Sent = tuple[str, "bytes | None", "bytes | None", Message, str]
 
 #: Delivery errors about one message, not the broker's health: producing it again cannot help.
 REFUSED = frozenset(
@@ -254,21 +256,6 @@ def fatal(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
-class _Report:
-    """The delivery callback of one produced message: which consumed message it came from."""
-
-    __slots__ = ("batch", "kind", "source")
-
-    def __init__(self, batch: Batch, source: Message, kind: str) -> None:
-        self.batch = batch
-        self.source = source
-        self.kind = kind
-
-    def __call__(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self.batch.refused(self.source, self.kind, msg.topic(), err)
-
-
 class Batch:
     """One batch from fetch to stored offsets (see the module docstring).
 
@@ -286,6 +273,8 @@ class Batch:
 
     __slots__ = (
         "blocked",
+        "delivered",
+        "failures",
         "fatal",
         "first",
         "held",
@@ -299,6 +288,7 @@ class Batch:
         "refusals",
         "router",
         "scope_error",
+        "sent",
         "source",
         "txn",
     )
@@ -328,11 +318,26 @@ class Batch:
         self.held: list[Held] | None = [] if held else None
         #: the message being handled, whose outputs are being produced
         self.source: Any = None
-        self.refusals: list[tuple[Message, str, str, KafkaError]] = []
+        #: what was produced, to tell which consumed message a failed delivery came from
+        self.sent: list[Sent] = []
+        #: failed delivery reports as (error, topic, key, value), matched to ``sent`` after the flush
+        self.failures: list[tuple[KafkaError, str, bytes | None, bytes | None]] = []
+        #: refusals with the consumed message they came from (``None``: not found in ``sent``)
+        self.refusals: list[tuple[Message | None, str, str, KafkaError]] = []
         self.fatal: KafkaError | None = None
         self.scope_error: str | None = None
         self.txn = txn
         self.poisoned = poisoned
+        failures = self.failures
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            # Every produced message's delivery report: one plain function per batch, as a
+            # hand-written loop passes, and no object per message; a failure is matched to
+            # its source only when one happened (:meth:`_collect`).
+            if err is not None:
+                failures.append((err, msg.topic(), msg.key(), msg.value()))
+
+        self.delivered = delivered
 
     # --- producing -------------------------------------------------------------------
 
@@ -350,13 +355,12 @@ class Batch:
         if self.held is not None:
             self.held.append((topic, value, key, headers, self.source, OUTPUT))
             return
-        report = _Report(self, self.source, OUTPUT)
         try:
             # Once per output: the producer called straight, the produce() helper only when its queue is full.
             try:
-                self.producer.produce(topic, value, key, on_delivery=report, headers=headers or None)
+                self.producer.produce(topic, value, key, on_delivery=self.delivered, headers=headers or None)
             except BufferError:
-                produce(self.producer, topic, value, key, headers, report)
+                produce(self.producer, topic, value, key, headers, self.delivered)
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if fatal(err):
@@ -364,6 +368,7 @@ class Batch:
             if err.code() in REFUSED:
                 raise MessageTooLarge(f"the producer refused a message to {topic!r}: {err.str()}") from None
             raise
+        self.sent.append((topic, key, value, self.source, OUTPUT))
         self.produced[topic] += 1
 
     def write(
@@ -404,17 +409,41 @@ class Batch:
         kind: str,
     ) -> None:
         try:
-            produce(self.producer, topic, value, key, headers, _Report(self, source, kind))
+            produce(self.producer, topic, value, key, headers, self.delivered)
         except KafkaException as exc:
             self.refused(source, kind, topic, exc.args[0])
             return
+        self.sent.append((topic, key, value, source, kind))
         self.produced[topic] += 1
 
-    def refused(self, source: Message, kind: str, topic: str, err: KafkaError) -> None:
+    def refused(self, source: Message | None, kind: str, topic: str, err: KafkaError) -> None:
         """The producer or the broker refused a message: judged in :meth:`finish`."""
         if fatal(err):
             self.fatal = err
         self.refusals.append((source, kind, topic, err))
+
+    def _collect(self) -> None:
+        """After a flush: each failed delivery becomes a refusal of the consumed message whose
+        output or copy it was, found in :attr:`sent` by topic, key and value. Outputs equal in
+        all three are told apart by order only, which judges them alike: what the broker
+        refuses for itself (its size, its format) it refuses in each of them."""
+        if not self.failures:
+            return
+        failures = self.failures[:]
+        self.failures.clear()
+        waiting: dict[tuple[str, bytes | None, bytes | None], list[int]] = {}
+        for i, (topic, key, value, _, _) in enumerate(self.sent):
+            waiting.setdefault((topic, key, value), []).append(i)
+        matched: set[int] = set()
+        for err, topic, key, value in failures:
+            found = waiting.get((topic, key, value))
+            if found:
+                i = found.pop(0)
+                matched.add(i)
+                self.refused(self.sent[i][3], self.sent[i][4], topic, err)
+            else:
+                self.refused(None, OUTPUT, topic, err)
+        self.sent = [sent for i, sent in enumerate(self.sent) if i not in matched]
 
     # --- the end ---------------------------------------------------------------------
 
@@ -431,6 +460,7 @@ class Batch:
                 return
             self.partitions.rewind(self.first, "stopping before what the batch produced was acknowledged")
             return
+        self._collect()
         if self.fatal is not None:
             raise ProducerFatal(
                 f"{self.plugin}: the producer failed fatally ({self.fatal.str()}); stopping without storing"
@@ -460,7 +490,7 @@ class Batch:
         assert txn is not None
         if self.refusals:
             for source, kind, topic, err in self.refusals:
-                if err.code() in REFUSED and self.poisoned is not None:
+                if err.code() in REFUSED and self.poisoned is not None and source is not None:
                     spot = (source.topic() or "", source.partition() or 0, source.offset() or 0)
                     self.poisoned[spot] = MessageTooLarge(
                         f"the broker refused a message to {topic!r} ({kind}): {err.str()}"
@@ -495,7 +525,8 @@ class Batch:
         """Dead-letter each message whose output or copy the broker refused for itself; any other
         refusal (an outage, a timeout) means the batch is handled again."""
         refusals, self.refusals = self.refusals, []
-        transient = [r for r in refusals if r[3].code() not in REFUSED]
+        # A refusal whose source is unknown cannot be dead-lettered: the batch is handled again.
+        transient = [r for r in refusals if r[3].code() not in REFUSED or r[0] is None]
         if transient:
             _, _, topic, err = transient[0]
             reason = f"{len(transient)} produced message(s) were not acknowledged ({topic}: {err.str()})"
@@ -503,6 +534,7 @@ class Batch:
             return
         seen: set[int] = set()
         for source, kind, topic, err in refusals:
+            assert source is not None  # refusals without one are transient (above)
             if id(source) in seen:
                 continue
             seen.add(id(source))
@@ -513,7 +545,9 @@ class Batch:
             # still say where the original bytes are.
             self.source = source
             self.router.dead_letter(source, original, error, self.write, keep=0 if kind == DLQ else None)
-        if flush() or self.refusals:
+        waiting = flush()
+        self._collect()
+        if waiting or self.refusals:
             self.partitions.rewind(self.first, "the dead letters of refused messages were not acknowledged")
             return
         if self.last:

@@ -663,6 +663,29 @@ def test_an_output_too_large_for_the_producer_dead_letters_the_message_that_prod
     assert committed(harness, "bloat", "in") == 2
 
 
+def test_an_output_the_broker_refuses_after_the_produce_dead_letters_only_its_own_source(
+    kafkaworkers_harness: MakeHarness,
+) -> None:
+    plugin = Plugin("judged", produces={"out": Ping}, retry=RetryPolicy(delays=(0.05,), jitter=0.0))
+
+    @plugin.consumes("in")
+    def handle(ping: Ping, ctx: Context) -> None:
+        if ping.n == 2:  # the broker takes the produce and refuses this one output in its delivery report
+            harness.broker.fail_deliveries("out", 1, KafkaError.MSG_SIZE_TOO_LARGE)
+        ctx.produce("out", Ping(ping.n * 10))
+
+    harness = kafkaworkers_harness(plugin, partitions=1)
+    for n in (1, 2, 3):
+        harness.produce("in", Ping(n))
+    harness.run_until_idle()
+
+    [letter] = harness.records("judged-dlq")
+    assert msgspec.json.decode(letter.value(), type=Ping) == Ping(2), "the message whose output was refused"
+    assert headers(letter)[H_EXCEPTION] == b"kafkaworkers.errors.MessageTooLarge"
+    assert harness.values("out", Ping) == [Ping(10), Ping(30)], "the other messages' outputs, once each"
+    assert committed(harness, "judged", "in") == 3
+
+
 class Blob(msgspec.Struct, frozen=True):
     text: str
 
