@@ -1,8 +1,14 @@
-"""The topology as positioned boxes and curves, for the console to draw as inline SVG.
+"""The topology as positioned boxes and arrows, for the console to draw as inline SVG.
 
 Nodes are laid out in columns by their longest path from a topic nothing produces, so data
 flows left to right; a cycle (a plugin that feeds a topic read upstream) is cut where the
 walk meets it. Drawn on the server: the page needs no script and no library from anywhere.
+
+Boxes sit on one grid, so the strips between columns and between rows hold no box. An arrow
+between neighbouring columns is a curve within the strip between them; one that skips
+columns, or goes back against the flow, leaves its box into the strip beside it, runs along
+the strip between two rows (the one nearest both ends) and enters its target from the strip
+before that: it never crosses a box. Arrows sharing a strip take tracks a few pixels apart.
 """
 
 from __future__ import annotations
@@ -13,11 +19,19 @@ from kafkaworkers.topology import Topology
 
 __all__ = ["Drawing", "Edge", "Node", "draw"]
 
-_COLUMN = 210
-_ROW = 64
 _WIDTH = 160
 _HEIGHT = 36
+#: The least room between two columns, and between two rows; round the grid, the margin.
+_COLUMN_GAP = 50
+_ROW_GAP = 28
 _MARGIN = 16
+#: Space between tracks in a strip; the last stretch into a box (room for the arrowhead).
+_TRACK = 6
+_LEAD = 14
+
+
+#: A strip (the n-th between columns or rows) and a track in it.
+_Track = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -67,14 +81,67 @@ def draw(topology: Topology) -> Drawing:
     for key in keys:
         columns.setdefault(rank[key], []).append(key)
     _order_rows(columns, [(a, b) for a, b, _ in arrows])
-    nodes: dict[tuple[str, str], Node] = {}
-    for column, members in sorted(columns.items()):
-        for row, (kind, name) in enumerate(members):
-            nodes[(kind, name)] = Node(kind, name, _MARGIN + column * _COLUMN, _MARGIN + row * _ROW)
-    edges = [Edge(kind, a[1], b[1], _curve(nodes[a], nodes[b])) for a, b, kind in arrows]
-    width = _MARGIN * 2 + (max(columns, default=0)) * _COLUMN + _WIDTH
-    height = _MARGIN * 2 + max((len(m) for m in columns.values()), default=1) * _ROW - (_ROW - _HEIGHT)
+    row = {key: i for members in columns.values() for i, key in enumerate(members)}
+    rows = max((len(m) for m in columns.values()), default=1)
+    # First the strips each arrow runs along (their tracks counted), then the grid sized to fit them.
+    routes: list[tuple[_Track, _Track, _Track] | None] = []
+    gaps: dict[int, int] = {}
+    lanes: dict[int, int] = {}
+    for a, b, _ in arrows:
+        if rank[b] == rank[a] + 1:
+            routes.append(None)  # a curve within the strip between the two columns
+            continue
+        out, into = rank[a], rank[b] - 1  # strip n lies after column n
+        lane = min(range(rows + 1), key=lambda r: (abs(2 * r - 2 * row[a] - 1) + abs(2 * r - 2 * row[b] - 1), r))
+        routes.append((_take(gaps, out), _take(gaps, into), _take(lanes, lane)))
+    last = max(columns, default=0)
+    xs = [_MARGIN + _strip(gaps.get(-1, 0), 0)]
+    for column in range(last):
+        xs.append(xs[-1] + _WIDTH + _strip(gaps.get(column, 0), _COLUMN_GAP))
+    ys = [_MARGIN + _strip(lanes.get(0, 0), 0)]
+    for r in range(1, rows):
+        ys.append(ys[-1] + _HEIGHT + _strip(lanes.get(r, 0), _ROW_GAP))
+    nodes = {
+        (kind, name): Node(kind, name, xs[column], ys[i])
+        for column, members in sorted(columns.items())
+        for i, (kind, name) in enumerate(members)
+    }
+    # Where each strip ends: a column strip at the next column, a row strip at the next row.
+    column_ends = {g: xs[g + 1] for g in range(-1, last)}
+    column_ends[last] = xs[-1] + _WIDTH + _strip(gaps.get(last, 0), 0)
+    row_ends = {r: ys[r] for r in range(rows)}
+    row_ends[rows] = ys[-1] + _HEIGHT + _strip(lanes.get(rows, 0), 0)
+
+    def lane_y(lane: int, track: int) -> int:
+        """Tracks centred in the strip above row ``lane``."""
+        width = _strip(lanes[lane], _ROW_GAP if 0 < lane < rows else 0)
+        return row_ends[lane] - width + (width - (lanes[lane] - 1) * _TRACK) // 2 + track * _TRACK
+
+    edges = []
+    for (a, b, kind), route in zip(arrows, routes, strict=True):
+        if route is None:
+            path = _curve(nodes[a], nodes[b])
+        else:
+            (out, out_track), (into, in_track), (lane, lane_track) = route
+            out_x = column_ends[out] - _LEAD - out_track * _TRACK
+            in_x = column_ends[into] - _LEAD - in_track * _TRACK
+            path = _around(nodes[a], nodes[b], out_x, in_x, lane_y(lane, lane_track))
+        edges.append(Edge(kind, a[1], b[1], path))
+    width = column_ends[last] + _MARGIN
+    height = row_ends[rows] + _MARGIN
     return Drawing(width, height, list(nodes.values()), edges)
+
+
+def _take(strips: dict[int, int], strip: int) -> _Track:
+    """The next free track of a strip: (strip, track)."""
+    track = strips.get(strip, 0)
+    strips[strip] = track + 1
+    return strip, track
+
+
+def _strip(tracks: int, least: int) -> int:
+    """How wide a strip must be for ``tracks`` arrows side by side, clear of the boxes on either side."""
+    return max(least, _LEAD + tracks * _TRACK) if tracks else least
 
 
 def _ranks(
@@ -123,6 +190,15 @@ def _order_rows(
         members.sort(key=lambda k: row[k])
         for i, key in enumerate(members):
             row[key] = float(i)
+
+
+def _around(a: Node, b: Node, out_x: int, in_x: int, lane_y: int) -> str:
+    """Out of ``a`` to ``out_x`` in the strip after its column, along ``lane_y`` in a strip between
+    rows, into ``b`` from ``in_x`` in the strip before its column: straight segments through
+    strips that hold no box."""
+    y1, y2 = a.y + a.height // 2, b.y + b.height // 2
+    points = [(a.x + a.width, y1), (out_x, y1), (out_x, lane_y), (in_x, lane_y), (in_x, y2), (b.x, y2)]
+    return "M" + " L".join(f"{x},{y}" for x, y in points)
 
 
 def _curve(a: Node, b: Node) -> str:
