@@ -345,14 +345,15 @@ class Batch:
         """A handler's ``ctx.produce``: sent now, or held until the batch scope committed.
 
         A value over the producer's size limit raises :class:`MessageTooLarge` here, in the
-        handler, so its message is dead-lettered with the reason instead of failing the batch.
+        handler, so its message is dead-lettered with the reason instead of failing the batch:
+        the producer refuses it in ``produce()``, and a held one is measured before it is held.
         """
-        if value is not None and len(value) > self.max_bytes:
-            raise MessageTooLarge(
-                f"a message of {len(value)} bytes to {topic!r} is over the producer's message.max.bytes"
-                f" ({self.max_bytes} bytes for the value)"
-            )
         if self.held is not None:
+            if value is not None and len(value) > self.max_bytes:
+                raise MessageTooLarge(
+                    f"a message of {len(value)} bytes to {topic!r} is over the producer's message.max.bytes"
+                    f" ({self.max_bytes} bytes for the value)"
+                )
             self.held.append((topic, value, key, headers, self.source, OUTPUT))
             return
         try:
@@ -366,7 +367,11 @@ class Batch:
             if fatal(err):
                 self.fatal = err
             if err.code() in REFUSED:
-                raise MessageTooLarge(f"the producer refused a message to {topic!r}: {err.str()}") from None
+                size = len(value) if value is not None else 0
+                raise MessageTooLarge(
+                    f"the producer refused a message of {size} bytes to {topic!r} (message.max.bytes"
+                    f" {self.max_bytes}): {err.str()}"
+                ) from None
             raise
         self.sent.append((topic, key, value, self.source, OUTPUT))
         self.produced[topic] += 1

@@ -81,8 +81,8 @@ class _Route:
     """A consumed topic's handler with its metric children, resolved once per plugin."""
 
     __slots__ = (
-        "asynchronous", "consumed", "dead", "decode", "decoder", "duration", "handler", "ok", "retried", "topic",
-        "type_name",
+        "asynchronous", "consumed", "dead", "decode", "decoder", "duration", "handler", "ok", "retried", "timed",
+        "topic", "type_name",
     )  # fmt: skip
 
     def __init__(self, subscription: Subscription[Any], metrics: PluginMetrics | None) -> None:
@@ -93,6 +93,8 @@ class _Route:
         self.handler = subscription.handler
         self.asynchronous = subscription.asynchronous
         self.duration = metrics.duration(self.topic) if metrics else None
+        #: the batch loop's per-message handler seconds, counted once per batch (:meth:`HandlerDurations.settle`)
+        self.timed = self.duration.record if self.duration is not None else None
         self.consumed = self.ok = self.retried = self.dead = 0
 
 
@@ -423,10 +425,10 @@ class PluginRunner:
                     waiting = in_place.get(tp)
                     if waiting is not None and waiting[0] == offset:
                         attempt = waiting[1] + 1
-                duration = route.duration
+                timed = route.timed
                 if hook_scope:
                     self._handle_scoped(route, value, msg, Context(plugin, msg, send, state, attempt))
-                elif duration is None:
+                elif timed is None:
                     done = route.handler(value, Context(plugin, msg, send, state, attempt))
                     if route.asynchronous:
                         self.loop.run(done)
@@ -435,7 +437,7 @@ class PluginRunner:
                     done = route.handler(value, Context(plugin, msg, send, state, attempt))
                     if route.asynchronous:
                         self.loop.run(done)
-                    duration.observe(perf() - start)
+                    timed(perf() - start)
             except (CircuitOpenError, StoreConflict) as exc:
                 batch.drop(mark)
                 self.partitions.pause(tp, offset, exc.retry_at, pause_reason(exc))
@@ -571,6 +573,8 @@ class PluginRunner:
             return
         metrics.batch_size.observe(batch)
         for route in self.routes.values():
+            if route.duration is not None:
+                route.duration.settle()
             if route.consumed:
                 metrics.consumed(route.topic).inc(route.consumed)
             for outcome, count in (("ok", route.ok), ("retried", route.retried), ("dead_lettered", route.dead)):
