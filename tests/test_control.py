@@ -132,6 +132,14 @@ def test_pause_holds_every_partition_and_readiness_says_why_until_resume(setup: 
     assert probe.readiness() == (True, "ready")
 
 
+def test_the_operations_guide_gives_the_readiness_reason_a_pause_shows(setup: Setup) -> None:
+    probe, _ = setup.workers
+    setup.send("pause", timeout=0.3)
+    reason = probe.readiness()[1]
+    guide = (Path(__file__).parents[1] / "docs" / "observability.md").read_text()
+    assert reason.replace("probe", "fraude") in guide and reason.replace("probe", "<plugin>") in guide
+
+
 def test_resume_leaves_partitions_paused_for_their_own_reason_paused(setup: Setup) -> None:
     runner = setup.workers[0].runners[0]
     runner.partitions.pause(("probe-in", 0), 0, float("inf"), f"{BREAKER_OPEN}: 'db'")
