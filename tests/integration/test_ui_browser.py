@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
@@ -278,7 +278,33 @@ def dead_letter_counts(bootstrap: str, group: str) -> tuple[int, int]:
     return len(letters), len(letters) - replayed
 
 
-def test_the_console_shows_what_the_topics_and_groups_hold(pipeline: Pipeline, chrome: WebDriver) -> None:
+@contextlib.contextmanager
+def flowing(pipeline: Pipeline, per_second: float = 20.0) -> Iterator[None]:
+    """New orders on pedido-novo at a steady pace (seeded, ids of their own) while the block runs."""
+    stop = threading.Event()
+    scenario = OrderScenario(run_id=f"{pipeline.prefix}flow")
+    producer = Producer({"bootstrap.servers": pipeline.bootstrap})
+
+    def publish_until_stopped() -> None:
+        for topic, key, value, headers in scenario.generate(2_000, SEED + 1):
+            if stop.wait(1 / per_second):  # pacing the flow, not waiting for a condition
+                break
+            producer.produce(topic, value, key, headers=headers)
+            producer.poll(0)
+
+    thread = threading.Thread(target=publish_until_stopped, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        producer.flush(30)
+
+
+def test_the_console_shows_what_the_topics_and_groups_hold(
+    pipeline: Pipeline, chrome: WebDriver, webhook: Webhook
+) -> None:
     url = pipeline.console("console", "--allow-actions")
 
     chrome.get(url + "/")
@@ -345,7 +371,20 @@ def test_the_console_shows_what_the_topics_and_groups_hold(pipeline: Pipeline, c
         return consumed == expected_consumed and consumed[PEDIDO_NOVO] >= ORDERS + 1 and breakers == expected_breakers
 
     wait_for(metrics_agree, 60, "the page's consumed counts and breakers to match the worker's /metrics", interval=1)
-    shoot(chrome, "live")
+
+    # While orders flow (the webhook accepting them for now), the page's rates are the flow's.
+    webhook.status = 200
+    with flowing(pipeline):
+
+        def rates_shown() -> bool:
+            chrome.get(url + "/live")
+            [row] = cells(chrome, "plugins-live", '[data-plugin="notificacao"]')
+            committed, consumed = row["cells"].split("|")[2:4]
+            return committed not in ("–", "0.0") and consumed not in ("–", "0.0")
+
+        wait_for(rates_shown, 60, "notificacao's committed and consumed msgs/s above 0 while orders flow", interval=1)
+        shoot(chrome, "live")
+    webhook.status = 400
 
     # Workers: the members the coordinator knows for notificacao's two groups, and what each owns.
     def members_agree() -> bool:
