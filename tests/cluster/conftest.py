@@ -108,10 +108,10 @@ class Cluster:
         assert done.returncode == 0, f"cluster.sh {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
-    def leaders(self, topics: list[str]) -> collections.Counter[int]:
-        """How many partitions of ``topics`` each broker leads."""
+    def leaders(self, topics: list[str]) -> dict[tuple[str, int], int]:
+        """The broker leading each partition of ``topics``."""
         metadata = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=15)
-        return collections.Counter(p.leader for t in topics for p in metadata.topics[t].partitions.values())
+        return {(t, i): p.leader for t in topics for i, p in metadata.topics[t].partitions.items()}
 
     def fully_replicated(self, topics: list[str]) -> bool:
         """Whether every partition of ``topics`` has all its replicas in sync and a leader."""
@@ -176,6 +176,8 @@ class Host:
         self.env = {**env, "KAFKAWORKERS_DATA_DIR": str(self.data_dir)}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: collections.Counter[str] = collections.Counter()
+        #: (plugin, incarnation) of every process SIGKILLed.
+        self.killed: set[tuple[str, int]] = set()
 
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *args]
@@ -199,6 +201,12 @@ class Host:
             (self.logs / f"{plugin}-{i}.log").read_text(errors="replace") for i in range(self.started[plugin])
         )
 
+    def killed_log(self, plugin: str) -> str:
+        """What the SIGKILLed processes of ``plugin`` logged."""
+        return "".join(
+            (self.logs / f"{plugin}-{i}.log").read_text(errors="replace") for p, i in sorted(self.killed) if p == plugin
+        )
+
     def current_log(self, plugin: str) -> str:
         path = self.logs / f"{plugin}-{self.started[plugin] - 1}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -211,6 +219,7 @@ class Host:
 
     def kill(self, plugin: str) -> None:
         proc = self.procs[plugin]
+        self.killed.add((plugin, self.started[plugin] - 1))
         proc.kill()
         assert proc.wait(30) == -signal.SIGKILL, f"[{self.name}] {plugin} exited by itself first"
 
@@ -275,9 +284,9 @@ def hosts(network: Network, cluster: Cluster, postgres: PgServer, tmp_path: Path
     try:
         yield running
     finally:
-        running.stop_all()
         for host in network.hosts:
             network.restore(host)
+        running.stop_all()
 
 
 def wait_joined(hosts: Hosts, groups: dict[str, list[str]], partitions: dict[str, int], timeout: float = 120) -> None:
