@@ -1,8 +1,9 @@
 """The loop's hardening on the real broker, with workers in this process stepped by the test.
 
 What only librdkafka shows: the producer refusing a message over its ``message.max.bytes``
-synchronously, and a partition's pause flag surviving an eager rebalance that hands the
-partition back to the same consumer.
+synchronously, the broker refusing one over the topic's in the delivery report, and a
+partition's pause flag surviving an eager rebalance that hands the partition back to the
+same consumer.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from confluent_kafka.admin import NewTopic
 
 from kafkaworkers import Context, Plugin, RetryPolicy
 from kafkaworkers.headers import H_EXCEPTION, H_TRUNCATED
@@ -51,6 +53,36 @@ def test_a_retry_over_the_producers_size_limit_is_dead_lettered_cut_instead_of_c
     assert int(headers[H_TRUNCATED]) > 50_000 and len(letter.value()) < 20_000
     assert kafka.read_all(retry_topic(name, 1), 0, timeout=1) == []
     assert [msgspec.json.decode(m.value(), type=Ping).n for m in kafka.read_all(out, 1)] == [2]
+
+
+def test_an_output_the_broker_refuses_in_its_delivery_report_dead_letters_the_message_that_produced_it(
+    kafka: KafkaHelper, bootstrap: str, tmp_path: Path, loops: list[Loop]
+) -> None:
+    name = f"refused-{uuid.uuid4().hex[:8]}"
+    source, out = f"{name}.in", f"{name}.out"
+    kafka.create_topics(source, partitions=1)
+    # The topic's limit is the broker's, below the producer's: produce() takes the output and the
+    # delivery report refuses it, which the batch must trace back to the message that produced it.
+    created = kafka.admin.create_topics([NewTopic(out, 1, 1, config={"max.message.bytes": "2000"})])
+    for future in created.values():
+        future.result(30)
+    plugin = Plugin(name, produces={out: Ping}, retry=RetryPolicy(delays=(0.1,), jitter=0.0))
+
+    @plugin.consumes(source)
+    def handle(ping: Ping, ctx: Context) -> None:
+        ctx.produce(out, Ping(ping.n, "x" * 5_000 if ping.n == 2 else ""))
+
+    # One message per batch: each output in a produce request of its own, refused or not by itself.
+    loop = Loop(bootstrap, tmp_path, plugin, batch_size=1, group_id=name)
+    loops.append(loop)
+    kafka.produce(source, [msgspec.json.encode(Ping(n)) for n in (1, 2, 3)])
+    loop.add()
+    loop.until(lambda: kafka.committed(name, source, partitions=1) == 3, 60, "every offset committed")
+
+    [letter] = kafka.read_all(dlq_topic(name), 1)
+    assert msgspec.json.decode(letter.value(), type=Ping).n == 2
+    assert dict(letter.headers())[H_EXCEPTION] == b"kafkaworkers.errors.MessageTooLarge"
+    assert [msgspec.json.decode(m.value(), type=Ping).n for m in kafka.read_all(out, 2)] == [1, 3]
 
 
 @pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
