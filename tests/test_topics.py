@@ -181,3 +181,34 @@ def test_delete_needs_topics_or_a_group(broker):
     result = kw("topics", "delete", "-b", broker)
     assert result.exit_code == 2
     assert result.stderr.startswith("kafkaworkers: error: name topics to delete, or pass --group-id GROUP")
+
+
+class _Brokers:
+    """An admin that reports a cluster of ``count`` brokers: all the replication choice reads."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def broker_count(self, timeout: float = 10.0) -> int:
+        return self.count
+
+
+@pytest.mark.parametrize(
+    ("brokers", "flags", "expected"),
+    [
+        (1, (None, None), (1, {})),
+        (2, (None, None), (2, {})),
+        (3, (None, None), (3, {"min.insync.replicas": "2"})),
+        (5, (None, None), (3, {"min.insync.replicas": "2"})),
+        (3, (2, None), (2, {})),
+        (3, (3, 3), (3, {"min.insync.replicas": "3"})),
+    ],
+)
+def test_create_gives_three_copies_two_in_sync_in_a_cluster_of_three_or_more(brokers, flags, expected):
+    assert topics_module._replication(_Brokers(brokers), *flags) == expected
+
+
+def test_create_refuses_more_in_sync_replicas_than_copies():
+    result = kw("topics", "create", "-b", f"memory://isr-{uuid.uuid4().hex[:8]}", "--min-insync-replicas", "2")
+    assert result.exit_code != 0
+    assert "--min-insync-replicas" in result.output and "2 is more than the 1 copy" in result.output
