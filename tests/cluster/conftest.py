@@ -12,6 +12,7 @@ and brokers are removed at the end of the session, and any left by a crashed run
 from __future__ import annotations
 
 import collections
+import fcntl
 import os
 import shutil
 import signal
@@ -20,7 +21,9 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
+import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 
@@ -34,6 +37,18 @@ BRIDGE_ADDRESS = f"{SUBNET}.1"
 HOSTS = ("a", "b")
 CLUSTER_SH = ROOT / "scripts" / "kafka" / "cluster.sh"
 PG_PORT = 25432
+#: Server settings that end the session of a client gone from the network: unacknowledged
+#: data for 8 s (tcp_user_timeout), or no answer to keepalives after 3 s + 3 x 1 s, or idle
+#: inside a transaction for 10 s.
+DROP_VANISHED_CLIENTS = {
+    "tcp_user_timeout": "8000",
+    "tcp_keepalives_idle": "3",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "3",
+    "idle_in_transaction_session_timeout": "10s",
+}
+#: Held by the test session that owns the bridge; released by the kernel if it crashes.
+LOCK = Path("/run/lock/kafkaworkers-cluster-tests.lock")
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -97,7 +112,6 @@ class Cluster:
             **os.environ,
             "KAFKA_CLUSTER_HOST": BRIDGE_ADDRESS,
             "KAFKA_CLUSTER_HOME": str(home),
-            "KAFKA_HEAP_OPTS": "-Xmx320m",
         }
         self.home = home
         self.bootstrap = self("bootstrap").strip()
@@ -125,14 +139,26 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def network() -> Iterator[Network]:
+    """The bridge and the hosts, one test session at a time on this machine: a second session
+    waits for the first's lock rather than removing its network under it."""
     if os.geteuid() != 0:
         pytest.fail("the cluster tests make network namespaces: run them as root", pytrace=False)
-    net = Network()
-    net.create()
+    with open(LOCK, "w") as lock:
+        wait_for(lambda: _locked(lock), 1800, f"the other cluster test session to release {LOCK}", interval=1)
+        net = Network()
+        net.create()
+        try:
+            yield net
+        finally:
+            net.remove()
+
+
+def _locked(lock: IO[str]) -> bool:
     try:
-        yield net
-    finally:
-        net.remove()
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +173,14 @@ def postgres(network: Network) -> Iterator[PgServer]:
         hba.write(f"host all all {SUBNET}.0/24 trust\n")
     reload = ["runuser", "-u", "postgres", "--", str(pg_bin() / "pg_ctl"), "-D", str(server.data), "reload"]
     subprocess.run(reload, check=True, capture_output=True, timeout=30)
+    # What README's "Running on several machines" asks of the database: a session whose host
+    # vanished mid-transaction is dropped within seconds, not TCP's minutes, so the row locks
+    # it held do not stall the instances that took its partitions (the host's session timeout
+    # here is 6 s). Per role would do as well (ALTER ROLE ... SET); this server has one user.
+    with psycopg.connect(server.url("postgres"), autocommit=True) as db:
+        for name, value in DROP_VANISHED_CLIENTS.items():
+            db.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+        db.execute("SELECT pg_reload_conf()")
     try:
         yield server
     finally:
