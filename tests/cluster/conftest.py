@@ -128,13 +128,14 @@ class Cluster:
         return {(t, i): p.leader for t in topics for i, p in metadata.topics[t].partitions.items()}
 
     def fully_replicated(self, topics: list[str]) -> bool:
-        """Whether every partition of ``topics`` has all its replicas in sync and a leader."""
+        """Whether every partition of ``topics`` has a leader and a copy in sync on each of the three brokers."""
         metadata = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=15)
-        return all(
-            p.leader >= 0 and sorted(p.isrs) == sorted(p.replicas)
-            for t in topics
-            for p in metadata.topics[t].partitions.values()
+        partitions = (
+            [p for t in topics for p in metadata.topics[t].partitions.values()]
+            if all(t in metadata.topics for t in topics)
+            else []
         )
+        return bool(partitions) and all(p.leader >= 0 and len(p.isrs) == len(p.replicas) == 3 for p in partitions)
 
 
 @pytest.fixture(scope="session")

@@ -291,6 +291,8 @@ def test_cluster_two_hosts_every_order_ends_once_through(
 
 def test_cluster_topics_create_gives_three_copies_two_in_sync(hosts: Hosts) -> None:
     hosts.each["a"].cli("topics", "create", "--partitions", str(PARTITIONS))
+    # Metadata lists only the brokers that are up: an earlier test may have just restarted one.
+    wait_for(lambda: hosts.cluster.fully_replicated(["pedido-novo"]), 60, "every broker up")
     described = hosts.each["a"].cli("topics", "describe", "pedido-novo", "--format", "json")
     data = msgspec.json.decode(described)
     assert (data["partitions"], data["replication"]) == (PARTITIONS, 3)
