@@ -15,6 +15,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,7 @@ def judge(
     rows: Rows,
     notifications_logged: collections.Counter[tuple[str, str]],
     report: dict[str, int],
-    sent_by_killed: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+    sent_by_killed: AbstractSet[tuple[str, str]] = frozenset(),
 ) -> Verdict:
     """Count what went wrong with this run's ``orders``: stuck or wrong outcomes, charges, refunds,
     releases, stock, notifications and the report.
