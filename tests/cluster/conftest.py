@@ -14,22 +14,19 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
 
 from tests.conftest import FAST_GROUP, KW, ROOT, wait_for
 from tests.judging import holdings
-from tests.pgserver import PgServer, pg_bin
+from tests.pgserver import PgServer
 
 BRIDGE = "kw-br0"
 SUBNET = "10.77.0"
@@ -37,16 +34,6 @@ BRIDGE_ADDRESS = f"{SUBNET}.1"
 HOSTS = ("a", "b")
 CLUSTER_SH = ROOT / "scripts" / "kafka" / "cluster.sh"
 PG_PORT = 25432
-#: Server settings that end the session of a client gone from the network: unacknowledged
-#: data for 8 s (tcp_user_timeout), or no answer to keepalives after 3 s + 3 x 1 s, or idle
-#: inside a transaction for 10 s.
-DROP_VANISHED_CLIENTS = {
-    "tcp_user_timeout": "8000",
-    "tcp_keepalives_idle": "3",
-    "tcp_keepalives_interval": "1",
-    "tcp_keepalives_count": "3",
-    "idle_in_transaction_session_timeout": "10s",
-}
 #: Held by the test session that owns the bridge; released by the kernel if it crashes.
 LOCK = Path("/run/lock/kafkaworkers-cluster-tests.lock")
 
@@ -166,27 +153,13 @@ def _locked(lock: IO[str]) -> bool:
 def postgres(network: Network) -> Iterator[PgServer]:
     """The database server every host's services share, on the bridge; in a directory the
     ``postgres`` user it runs as can reach, unlike pytest's private temporary tree."""
-    base = Path(tempfile.mkdtemp(prefix="kw-cluster-pg-"))
-    base.chmod(0o755)
-    server = PgServer(base, BRIDGE_ADDRESS, PG_PORT).start()
-    # initdb trusts loopback only; the hosts connect from the bridge's subnet.
-    with open(server.data / "pg_hba.conf", "a") as hba:
-        hba.write(f"host all all {SUBNET}.0/24 trust\n")
-    reload = ["runuser", "-u", "postgres", "--", str(pg_bin() / "pg_ctl"), "-D", str(server.data), "reload"]
-    subprocess.run(reload, check=True, capture_output=True, timeout=30)
-    # What README's "Running on several machines" asks of the database: a session whose host
-    # vanished mid-transaction is dropped within seconds, not TCP's minutes, so the row locks
-    # it held do not stall the instances that took its partitions (the host's session timeout
-    # here is 6 s). Per role would do as well (ALTER ROLE ... SET); this server has one user.
-    with psycopg.connect(server.url("postgres"), autocommit=True) as db:
-        for name, value in DROP_VANISHED_CLIENTS.items():
-            db.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-        db.execute("SELECT pg_reload_conf()")
+    # The hosts connect from the bridge's subnet. Nothing here drops a vanished host's
+    # sessions: the store asks for that per session, and scenario (b) depends on it.
+    server = PgServer(host=BRIDGE_ADDRESS, port=PG_PORT, trust=[f"{SUBNET}.0/24"]).start()
     try:
         yield server
     finally:
-        server.stop("immediate")
-        shutil.rmtree(base, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture(scope="session")

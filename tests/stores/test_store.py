@@ -180,6 +180,25 @@ def test_a_deadlock_between_instances_is_a_store_conflict_and_rolls_back(pg_serv
         two.close()
 
 
+def test_the_server_drops_a_session_whose_host_vanished_within_seconds(pg_server: PgServer, tmp_path: Path) -> None:
+    """Each session asks the server to give up on a silent peer in seconds, not TCP's minutes:
+    a host cut off mid-batch would otherwise hold its row locks against the instances that took
+    its partitions (the cluster's cut-host scenario shows it end to end)."""
+    env = PluginEnv("servico", {}, tmp_path, pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
+    store = open_store(env, "servico", SCHEMA)
+    try:
+        shown = {
+            name: store.db.execute(f"SHOW {name}").fetchone()[0]
+            for name in ("tcp_user_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")
+        }
+    finally:
+        store.close()
+    assert shown == {
+        "tcp_user_timeout": "10000", "tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
+        "tcp_keepalives_count": "3",
+    }  # fmt: skip
+
+
 def test_instances_starting_at_once_create_the_schema_once(pg_server: PgServer, tmp_path: Path) -> None:
     """Eight processes open the same new store at the same moment: every one starts."""
     url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
