@@ -101,14 +101,19 @@ class KafkaAdmin:
         result: dict[str, list[GroupMember]] = {}
         for group, future in self._client.describe_consumer_groups(list(groups), request_timeout=timeout).items():
             try:
-                description = future.result(timeout)
+                # Longer than the request's own timeout, so that librdkafka answers first and why.
+                description = future.result(timeout + 5)
             except confluent_kafka.KafkaException as exc:
-                if exc.args[0].code() == confluent_kafka.KafkaError.GROUP_ID_NOT_FOUND:
+                code = exc.args[0].code()
+                if code == confluent_kafka.KafkaError.GROUP_ID_NOT_FOUND:
                     result[group] = []
                     continue
-                raise BrokerUnavailable(f"cannot describe group {group!r}: {_reason(exc)}") from None
-            except TimeoutError:  # no broker answered at all: say so as _metadata does
-                reason = f"no answer describing group {group!r} within {timeout:.0f} s"
+                if code not in _NO_ANSWER:
+                    raise BrokerUnavailable(f"cannot describe group {group!r}: {_reason(exc)}") from None
+                reason = f"no answer describing group {group!r}: {_reason(exc)}"
+                raise BrokerUnavailable(unreachable(self._servers, self._protocol, reason)) from None
+            except TimeoutError:  # not even librdkafka's timeout came back
+                reason = f"no answer describing group {group!r} within {timeout + 5:.0f} s"
                 raise BrokerUnavailable(unreachable(self._servers, self._protocol, reason)) from None
             result[group] = [
                 GroupMember(
@@ -153,6 +158,16 @@ class KafkaAdmin:
                 else:
                     raise BrokerUnavailable(f"cannot create topic {name!r}: {err.str()}") from None
         return result
+
+
+#: What librdkafka says when no broker answered a request, rather than a broker refusing it.
+_NO_ANSWER = frozenset(
+    {
+        confluent_kafka.KafkaError._TIMED_OUT,
+        confluent_kafka.KafkaError._TRANSPORT,
+        confluent_kafka.KafkaError._ALL_BROKERS_DOWN,
+    }
+)
 
 
 def _reason(exc: confluent_kafka.KafkaException) -> str:
