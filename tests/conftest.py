@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,6 +111,21 @@ def database_url(request: pytest.FixtureRequest) -> str | None:
 @pytest.fixture
 def kafka(bootstrap: str) -> KafkaHelper:
     return KafkaHelper(bootstrap)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """SIGTERM every process still running, all at once, then wait for each; one that outlives
+    ``timeout`` is killed."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
 
 
 class KafkaHelper:
@@ -224,11 +239,4 @@ class KwTest:
         return (self.logs / f"worker-{index % len(self.procs)}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs)

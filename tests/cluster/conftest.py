@@ -24,7 +24,7 @@ from typing import IO
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import FAST_GROUP, KW, ROOT, wait_for
+from tests.conftest import FAST_GROUP, KW, ROOT, stop_processes, wait_for
 from tests.judging import holdings
 from tests.pgserver import PgServer
 
@@ -231,24 +231,8 @@ class Host:
         proc.kill()
         assert proc.wait(30) == -signal.SIGKILL, f"[{self.name}] {plugin} exited by itself first"
 
-    def stop(self, plugin: str) -> int | None:
-        proc = self.procs.get(plugin)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait(30)
-
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for plugin in list(self.procs):
-            self.stop(plugin)
+        stop_processes(self.procs.values(), timeout=40)
 
 
 class Hosts:

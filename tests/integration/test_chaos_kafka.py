@@ -57,7 +57,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port, http_get, wait_for
+from tests.conftest import FAST_GROUP, KW, ROOT, KafkaHelper, KwTest, free_port, http_get, stop_processes, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -637,14 +637,7 @@ class Pipeline:
         return query(self.data / plugin / file, sql)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values())
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])

@@ -51,7 +51,7 @@ from kafkaworkers_orders.notificacao import PAYMENT_KINDS, PICKING_KINDS
 from kafkaworkers_orders.reserva import CATALOGUE
 from kafkaworkers_orders.reserva.estoque import Produto, read_catalogue
 from kafkaworkers_orders.scenario import OrderScenario
-from tests.conftest import FAST_GROUP, KW, wait_for
+from tests.conftest import FAST_GROUP, KW, stop_processes, wait_for
 from tests.judging import Offsets, Watcher, holdings, publish, query, settle, write_catalogue
 
 pytestmark = pytest.mark.kafka
@@ -138,11 +138,7 @@ class Services:
             return proc.wait(30)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for label in self.procs:
-            self.stop(label)
+        stop_processes(self.procs.values())
 
 
 @pytest.fixture

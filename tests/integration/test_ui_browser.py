@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -43,7 +42,7 @@ from kafkaworkers.plugins import PluginHost
 from kafkaworkers.retry import dlq_topic, retry_topic
 from kafkaworkers_orders.contracts import PEDIDO_NOVO
 from kafkaworkers_orders.scenario import OrderScenario
-from tests.conftest import FAST_GROUP, KW, SEED, free_port, http_get, wait_for
+from tests.conftest import FAST_GROUP, KW, SEED, free_port, http_get, stop_processes, wait_for
 from tests.judging import Offsets, holdings, publish
 
 pytestmark = pytest.mark.kafka
@@ -136,14 +135,7 @@ class Pipeline:
         return url
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values())
 
 
 def read_topic(bootstrap: str, topic: str) -> list[Any]:
