@@ -258,8 +258,8 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        """Every count zero but ``resent_after_sigkill``, which the caller bounds by the kills."""
-        return not any(n for name, n in self.figures.items() if name != "resent_after_sigkill")
+        """Every count zero but ``resent_after_loss``, which the caller bounds by the kills."""
+        return not any(n for name, n in self.figures.items() if name != "resent_after_loss")
 
     def line(self) -> str:
         return " ".join(f"{name}={n}" for name, n in self.figures.items())
@@ -286,7 +286,7 @@ def judge(
     :param notifications_logged: every log-channel send, by (order, kind), over every notificacao.
     :param sent_by_killed: the sends logged by a notificacao later SIGKILLed. A kill between a
         send and its record is the one window where a channel with no idempotency key (a log
-        line, an e-mail) sends again: counted apart, as ``resent_after_sigkill``.
+        line, an e-mail) sends again: counted apart, as ``resent_after_loss``.
     :param report: the report's orders by state (``kafkaworkers report``'s ``by_state``), from
         a database holding this run's orders only.
     """
@@ -351,7 +351,7 @@ def judge(
     )
     twice = {k for k, n in notifications_logged.items() if n > 1 and k[0] in mine}
     detail["duplicate_notifications"] = sorted({k for k, n in envios.items() if n > 1} | (twice - sent_by_killed))
-    detail["resent_after_sigkill"] = sorted(twice & sent_by_killed)
+    detail["resent_after_loss"] = sorted(twice & sent_by_killed)
 
     # The report: every order once, in the state the topics gave it.
     states: collections.Counter[str] = collections.Counter(
@@ -369,7 +369,7 @@ def judge(
         for name in (
             "stuck", "wrong_outcome", "double_charges", "missing_refunds", "double_refunds", "refunds_not_owed",
             "missing_releases", "releases_not_owed", "units_oversold", "stock_mismatch_units",
-            "duplicate_notifications", "report_wrong", "resent_after_sigkill",
+            "duplicate_notifications", "report_wrong", "resent_after_loss",
         )
     }  # fmt: skip
     figures["units_oversold"] = sum(h - n for _, h, n in detail["units_oversold"])
