@@ -20,6 +20,7 @@
 #   KAFKA_CLUSTER_HOME     state dir, one sub-dir per node (default <repo>/.cache/kafka-cluster)
 #   KAFKA_LIB_DIR          the jars (default <repo>/.cache/kafka/lib, the single broker's)
 #   KAFKA_HEAP_OPTS        per node (default -Xmx384m)
+#   KAFKA_READY_TIMEOUT    seconds a node may take to be ready (default 180)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,6 +32,9 @@ BASE_PORT="${KAFKA_CLUSTER_PORT:-29092}"
 HOME_DIR="$(realpath -m "${KAFKA_CLUSTER_HOME:-$REPO_ROOT/.cache/kafka-cluster}")"
 export KAFKA_LIB_DIR="${KAFKA_LIB_DIR:-$REPO_ROOT/.cache/kafka/lib}"
 export KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx384m}"
+# A node started again after a SIGKILL first recovers its logs, and on a loaded machine three
+# JVMs and the workers share the cores: give it longer than a single broker's start.
+export KAFKA_READY_TIMEOUT="${KAFKA_READY_TIMEOUT:-180}"
 NODES=(1 2 3)
 
 port() { echo $((BASE_PORT + $1 - 1)); }

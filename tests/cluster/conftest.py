@@ -105,7 +105,7 @@ class Cluster:
 
     def __call__(self, *args: str) -> str:
         done = subprocess.run(["bash", str(CLUSTER_SH), *args], env=self.env, capture_output=True, text=True,
-                              timeout=180)  # fmt: skip
+                              timeout=240)  # fmt: skip
         assert done.returncode == 0, f"cluster.sh {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
@@ -170,6 +170,13 @@ def cluster(network: Network, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield brokers
     finally:
         brokers("down")
+
+
+@pytest.fixture(autouse=True)
+def every_broker_up(cluster: Cluster) -> None:
+    """Each test starts with the three brokers running: one that failed while a broker was down
+    leaves the next with a whole cluster, not a cascade of failures."""
+    cluster("up")
 
 
 class Host:
