@@ -24,6 +24,11 @@ must not resend what the first is sending. It sends only what it could claim, an
 back through a retry once the other's lease has run out, sending then only if the first
 died before marking it sent.
 
+A send whose mark fails (the store out of reach: a network cut) is kept in a journal on the
+host (:mod:`.journal`) and marked as soon as the store answers, inside the lease, so the
+instance that takes the event over finds it sent. A duplicate is then left only for a process
+killed between a send and its journal line, or a host cut off for longer than the lease.
+
 Settings (``[plugins.notificacao]``): ``channels`` (default ``["log"]``; also ``"smtp"``,
 ``"webhook"``), ``smtp_host``, ``smtp_port`` (25), ``smtp_from``, ``smtp_starttls``,
 ``smtp_user``, ``smtp_password`` (or the ``NOTIFICACAO_SMTP_PASSWORD`` environment variable),
@@ -38,6 +43,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kafkaworkers import ConfigError, Context, PermanentError, Plugin, PluginEnv, Retry, RetryPolicy, Store, open_store
@@ -54,6 +60,7 @@ from kafkaworkers_orders.contracts import (
     reais,
 )
 from kafkaworkers_orders.notificacao.channels import Channel, LogChannel, Notificacao, SmtpChannel, WebhookChannel
+from kafkaworkers_orders.notificacao.journal import Send, SendJournal
 
 __all__ = ["TEXTS", "Notificador", "plugin", "reais"]
 
@@ -68,6 +75,12 @@ plugin: Plugin[Notificador] = Plugin(
 _breakers = {
     name: plugin.breaker(name, timeout=30.0, wait=30.0, ignore=(PermanentError,)) for name in ("smtp", "webhook")
 }
+
+#: Seconds a claim outlasts the sends: a host cut off from the store while sending records its
+#: sends from its journal once the store answers again (TCP gives up on the old session within
+#: 10 s, a new one connects within seconds of the network's return), before the claim runs out
+#: and another instance sends them again. Network cuts up to about this long cause no duplicate.
+RECORD_MARGIN = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS clientes (
@@ -167,14 +180,23 @@ class Notificador:
 
     store: Store
     channels: list[Channel]
+    #: Where this host remembers sends not yet recorded in the store (see :mod:`.journal`).
+    journal_path: Path
     #: How long a claim keeps other processes from sending the same notification.
     lease: float = 30.0
     #: This process's claims.
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    journal: SendJournal = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.journal = SendJournal(self.journal_path, self.record).start()
 
     def notificar(self, order_id: str, kind: str, **facts: str) -> None:
         """Claim, send and mark one notification on every channel not yet marked sent for it."""
         now, stamp = time.time(), datetime.now(UTC).isoformat()
+        # Sent by this host before a failed record (the store out of reach): recorded with the
+        # claim, so that handling the event again does not send them again.
+        unrecorded = self.journal.pending(order_id, kind)
         with self.store.transaction() as db:
             cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
             if cliente is None:
@@ -184,6 +206,7 @@ class Notificador:
                 " VALUES (?, ?, ?, 'sending', ?) ON CONFLICT DO NOTHING",
                 [(order_id, kind, channel.name, stamp) for channel in self.channels],
             )
+            self.record(unrecorded)
             claimed = db.execute(
                 "UPDATE envios SET attempts = attempts + 1, updated_at = ?, claimed_by = ?, claimed_until = ?"
                 " WHERE order_id = ? AND kind = ? AND status = 'sending' AND (claimed_until < ? OR claimed_by = ?)"
@@ -196,6 +219,7 @@ class Notificador:
                 " WHERE order_id = ? AND kind = ? AND status = 'sending' AND claimed_by != ?",
                 (order_id, kind, self.owner),
             ).fetchone()
+        self.journal.discard(unrecorded)
         nome, email = cliente
         assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
         notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
@@ -213,17 +237,32 @@ class Notificador:
                 # The other channels still get their chance; the failed one is redone on redelivery.
                 errors.append(exc)
                 continue
-            with self.store.transaction() as db:
-                db.execute(
-                    "UPDATE envios SET status = 'sent', updated_at = ? WHERE order_id = ? AND kind = ? AND channel = ?",
-                    (datetime.now(UTC).isoformat(), order_id, kind, channel.name),
-                )
+            sent = (order_id, kind, channel.name)
+            self.journal.add(sent)
+            self.record([sent])
+            self.journal.discard([sent])
         if errors:
             # An open breaker pauses the partition, a transient error retries, and only when every
             # failure is permanent does the message go to the dead-letter topic.
             raise min(errors, key=lambda e: (not isinstance(e, CircuitOpenError), isinstance(e, PermanentError)))
         if elsewhere:
             raise Retry("another instance is sending it; looked at again once its claim ran out", delay=self.lease)
+
+    def record(self, sends: list[Send]) -> None:
+        """Mark ``sends`` sent in the store."""
+        if not sends:
+            return
+        stamp = datetime.now(UTC).isoformat()
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE envios SET status = 'sent', updated_at = ? WHERE order_id = ? AND kind = ? AND channel = ?",
+                [(stamp, *send) for send in sends],
+            )
+
+    def close(self) -> None:
+        """Stop recording and close the store; sends still unrecorded wait in the journal."""
+        self.journal.close()
+        self.store.close()
 
     def sent_counts(self, channel: str | None = None) -> dict[str, int]:
         """Deliveries marked sent, per notification kind (one per channel; ``channel`` narrows to one)."""
@@ -243,14 +282,15 @@ def start(env: PluginEnv) -> Notificador:
         if "claimed_by" not in columns:  # a file made before claims were leases
             store.db.execute("ALTER TABLE envios ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
             store.db.execute("ALTER TABLE envios ADD COLUMN claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0")
-    # Every channel may take its whole timeout, and the claim must outlast them all.
-    lease = float(env.config.get("timeout", 10.0)) * len(channels) + 5.0
-    return Notificador(store, channels, lease)
+    # Every channel may take its whole timeout, and the claim must outlast them all, plus the time
+    # a host cut off from the store while sending needs to record its sends once it is back.
+    lease = float(env.config.get("timeout", 10.0)) * len(channels) + RECORD_MARGIN
+    return Notificador(store, channels, env.data_dir / "notificacao-journal.db", lease)
 
 
 @plugin.on_stop
 def stop(notificador: Notificador) -> None:
-    notificador.store.close()
+    notificador.close()
 
 
 @plugin.consumes(PEDIDO_NOVO)

@@ -18,6 +18,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from kafkaworkers import ConfigError, PluginEnv, Retry, open_store
+from kafkaworkers.errors import StoreConflict
 from kafkaworkers_orders import notificacao
 from kafkaworkers_orders.contracts import (
     PEDIDO_CANCELADO,
@@ -311,9 +312,10 @@ def two_instances(tmp_path: Any, database_url: str | None, lease: float) -> tupl
     """Two notificacao instances on one database, each with a held channel, the order's customer known."""
     env = PluginEnv("notificacao", {}, tmp_path, database_url)
     made = []
-    for _ in range(2):
+    for host in "ab":
         channel = Held()
-        made += [notificacao.Notificador(open_store(env, "notificacao", notificacao.SCHEMA), [channel], lease), channel]
+        store = open_store(env, "notificacao", notificacao.SCHEMA)
+        made += [notificacao.Notificador(store, [channel], tmp_path / f"journal-{host}.db", lease), channel]
     with made[0].store.transaction() as db:
         db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
     return made[0], made[1], made[2], made[3]
@@ -351,3 +353,90 @@ def test_a_claim_left_by_an_instance_that_died_is_sent_by_another_once_it_ran_ou
 
 def claimed_until(instance: Any) -> float:
     return float(instance.store.db.execute("SELECT max(claimed_until) FROM envios").fetchone()[0])
+
+
+class CutOff:
+    """A store that stops answering while ``cut`` is set, as one across a network cut does."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def transaction(self) -> Any:
+        if self.cut:
+            raise StoreConflict("the database host cannot be reached", time.monotonic())
+        return self.store.transaction()
+
+
+class CutWhileSending:
+    """A channel that sends, and the network goes down right after: the send cannot be recorded."""
+
+    name = "log"
+
+    def __init__(self, store: CutOff) -> None:
+        self.store = store
+        self.sent: list[str] = []
+
+    def send(self, n: Notificacao) -> None:
+        self.sent.append(n.idempotency_key)
+        self.store.cut = True
+
+
+def cut_off_instance(tmp_path: Any, database_url: str | None, journal: str) -> tuple[Any, CutWhileSending]:
+    env = PluginEnv("notificacao", {}, tmp_path, database_url)
+    store = CutOff(open_store(env, "notificacao", notificacao.SCHEMA))
+    channel = CutWhileSending(store)
+    return notificacao.Notificador(store, [channel], tmp_path / journal, lease=0.5), channel
+
+
+def sent_and_cut_off(tmp_path: Any, database_url: str | None, kind: str) -> tuple[Any, CutWhileSending]:
+    """An instance that sent ``kind`` for :data:`ORDER` and was cut off from the store before recording it."""
+    cut, channel = cut_off_instance(tmp_path, database_url, "journal.db")
+    with cut.store.transaction() as db:
+        db.execute("INSERT INTO clientes VALUES (?, ?, ?)", (ORDER, "Maria", "maria@exemplo.com.br"))
+    with pytest.raises(StoreConflict):
+        cut.notificar(ORDER, kind, valor="R$ 1,00")
+    cut.store.cut = False
+    return cut, channel
+
+
+def test_a_send_cut_off_from_the_store_is_recorded_once_it_answers_and_never_sent_again(tmp_path, database_url) -> None:
+    unused, _, other, other_channel = two_instances(tmp_path, database_url, lease=0.5)
+    unused.close()
+    other_channel.go.set()
+    cut, channel = cut_off_instance(tmp_path, database_url, "journal-cut.db")
+    with pytest.raises(StoreConflict):
+        cut.notificar(ORDER, "separacao_concluida")
+    assert cut.journal.pending() == [(ORDER, "separacao_concluida", "log")]
+
+    cut.store.cut = False
+    wait_for(lambda: not cut.journal.pending(), 10, "the journal to record the send once the store answers")
+    wait_for(lambda: time.time() > claimed_until(other), 5, "the cut instance's claim to run out")
+    other.notificar(ORDER, "separacao_concluida")
+    cut.notificar(ORDER, "separacao_concluida")
+    assert (channel.sent, other_channel.sent) == ([f"{ORDER}.separacao_concluida"], []), "sent once"
+    cut.close()
+    other.close()
+
+
+def test_an_event_handled_again_after_a_failed_record_is_not_sent_again(tmp_path, database_url) -> None:
+    cut, channel = sent_and_cut_off(tmp_path, database_url, "estorno")
+    cut.notificar(ORDER, "estorno", valor="R$ 1,00")  # at once, well before the journal's next round
+    assert channel.sent == [f"{ORDER}.estorno"]
+    assert cut.sent_counts() == {"estorno": 1}
+    cut.close()
+
+
+def test_sends_a_killed_process_could_not_record_are_recorded_by_its_successor_at_start(tmp_path, database_url) -> None:
+    killed, channel = sent_and_cut_off(tmp_path, database_url, "pedido_recebido")
+    killed.journal.close()  # it dies: nothing of it runs any more, its journal file stays
+
+    successor, successor_channel = cut_off_instance(tmp_path, database_url, "journal.db")
+    assert successor.journal.pending() == [], "recorded at start"
+    wait_for(lambda: time.time() > claimed_until(successor), 5, "the killed process's claim to run out")
+    successor.notificar(ORDER, "pedido_recebido", valor="R$ 1,00")
+    assert (channel.sent, successor_channel.sent) == ([f"{ORDER}.pedido_recebido"], [])
+    successor.close()
