@@ -761,9 +761,9 @@ class Worker:
 
     def run_once(self, timeout: float | None = None) -> int:
         """One batch step of every plugin; return how many messages they handled."""
-        self.last_beat = time.monotonic()
-        if self._control is not None and self._control.inbox:
-            self._control.apply()  # between batches, on this thread: the consumers are never shared
+        self.last_beat = now = time.monotonic()
+        if self._control is not None and now >= self._control.due:
+            self._control.check(now)  # between batches, on this thread: the consumers are never shared
         if timeout is None:
             timeout = self.settings.poll_timeout / max(len(self.runners), 1)
         # With handlers running, no consumer may block the loop: their results are sent and
