@@ -24,10 +24,11 @@ must not resend what the first is sending. It sends only what it could claim, an
 back through a retry once the other's lease has run out, sending then only if the first
 died before marking it sent.
 
-A send whose mark fails (the store out of reach: a network cut) is kept in a journal on the
-host (:mod:`.journal`) and marked as soon as the store answers, inside the lease, so the
-instance that takes the event over finds it sent. A duplicate is then left only for a process
-killed between a send and its journal line, or a host cut off for longer than the lease.
+With a store on another host (``database_url``), a send whose mark fails (the store out of
+reach: a network cut) is kept in a journal on the host (:mod:`.journal`) and marked as soon as
+the store answers, inside the lease, so the instance that takes the event over finds it sent.
+A duplicate is then left only for a process killed between a send and its journal line, or a
+host cut off for longer than the lease.
 
 Settings (``[plugins.notificacao]``): ``channels`` (default ``["log"]``; also ``"smtp"``,
 ``"webhook"``), ``smtp_host``, ``smtp_port`` (25), ``smtp_from``, ``smtp_starttls``,
@@ -180,23 +181,26 @@ class Notificador:
 
     store: Store
     channels: list[Channel]
-    #: Where this host remembers sends not yet recorded in the store (see :mod:`.journal`).
-    journal_path: Path
+    #: Where this host remembers sends not yet recorded in the store (see :mod:`.journal`);
+    #: ``None`` for a store on this host, which is as reachable as a journal would be.
+    journal_path: Path | None
     #: How long a claim keeps other processes from sending the same notification.
     lease: float = 30.0
     #: This process's claims.
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-    journal: SendJournal = field(init=False)
+    journal: SendJournal | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.journal = SendJournal(self.journal_path, self.record).start()
+        if self.journal_path is not None:
+            self.journal = SendJournal(self.journal_path, self.record).start()
 
     def notificar(self, order_id: str, kind: str, **facts: str) -> None:
         """Claim, send and mark one notification on every channel not yet marked sent for it."""
         now, stamp = time.time(), datetime.now(UTC).isoformat()
         # Sent by this host before a failed record (the store out of reach): recorded with the
         # claim, so that handling the event again does not send them again.
-        unrecorded = self.journal.pending(order_id, kind)
+        journal = self.journal
+        unrecorded = journal.pending(order_id, kind) if journal is not None else []
         with self.store.transaction() as db:
             cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
             if cliente is None:
@@ -219,7 +223,9 @@ class Notificador:
                 " WHERE order_id = ? AND kind = ? AND status = 'sending' AND claimed_by != ?",
                 (order_id, kind, self.owner),
             ).fetchone()
-        self.journal.discard(unrecorded)
+        if unrecorded:
+            assert journal is not None
+            journal.discard(unrecorded)
         nome, email = cliente
         assunto, texto = (template.format(order=order_id, **facts) for template in TEXTS[kind])
         notificacao = Notificacao(order_id, kind, nome, email, assunto, f"Olá, {nome}!\n\n{texto}\n")
@@ -238,9 +244,12 @@ class Notificador:
                 errors.append(exc)
                 continue
             sent = (order_id, kind, channel.name)
-            self.journal.add(sent)
-            self.record([sent])
-            self.journal.discard([sent])
+            if journal is None:
+                self.record([sent])
+            else:
+                journal.add(sent)
+                self.record([sent])
+                journal.discard([sent])
         if errors:
             # An open breaker pauses the partition, a transient error retries, and only when every
             # failure is permanent does the message go to the dead-letter topic.
@@ -261,7 +270,8 @@ class Notificador:
 
     def close(self) -> None:
         """Stop recording and close the store; sends still unrecorded wait in the journal."""
-        self.journal.close()
+        if self.journal is not None:
+            self.journal.close()
         self.store.close()
 
     def sent_counts(self, channel: str | None = None) -> dict[str, int]:
@@ -282,10 +292,12 @@ def start(env: PluginEnv) -> Notificador:
         if "claimed_by" not in columns:  # a file made before claims were leases
             store.db.execute("ALTER TABLE envios ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
             store.db.execute("ALTER TABLE envios ADD COLUMN claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0")
-    # Every channel may take its whole timeout, and the claim must outlast them all, plus the time
-    # a host cut off from the store while sending needs to record its sends once it is back.
-    lease = float(env.config.get("timeout", 10.0)) * len(channels) + RECORD_MARGIN
-    return Notificador(store, channels, env.data_dir / "notificacao-journal.db", lease)
+    # Every channel may take its whole timeout, and the claim must outlast them all; with a store on
+    # another host, also the time a host cut off from it while sending needs to record its sends.
+    margin = RECORD_MARGIN if store.shared else 5.0
+    lease = float(env.config.get("timeout", 10.0)) * len(channels) + margin
+    journal = env.data_dir / "notificacao-journal.db" if store.shared else None
+    return Notificador(store, channels, journal, lease)
 
 
 @plugin.on_stop
