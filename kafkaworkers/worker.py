@@ -72,6 +72,13 @@ _MIN_BUFFER = 64
 _MAX_REVOKE_WAIT = 10.0
 #: The longest an idle loop with handlers running waits for one of them before polling again.
 _IN_FLIGHT_WAIT = 0.05
+#: CPython's own collector thresholds, which the worker replaces (and nothing else has).
+_PYTHON_GC_THRESHOLDS = (700, 10, 10)
+#: The youngest generation collected every 100,000 allocations instead of 700: a batch's
+#: messages, contexts and decoded values live until it ends, and the default traversed them
+#: over and over. W3 (the 430-byte nested order) spent 0.88 CPU-seconds per 100,000 messages
+#: with the default and 0.75-0.77 with this, at the same peak memory.
+_GC_THRESHOLDS = (100_000, 10, 10)
 #: Consumer errors that mean no broker can be reached (readiness fails until one answers).
 _UNREACHABLE = frozenset({KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE})
 TP = tuple[str, int]
@@ -736,6 +743,8 @@ class Worker:
         # collector's full passes during the loop skip it. On a 230-byte message, W3-small's
         # profile showed 0.43 us per message in the collector without this, 0.11 us with it.
         gc.freeze()
+        if gc.get_threshold() == _PYTHON_GC_THRESHOLDS:  # a plugin that chose its own keeps it
+            gc.set_threshold(*_GC_THRESHOLDS)
         log.info("worker started: %s", ", ".join(p.name for p in self.plugins))
 
     def _transactions(self) -> Transactions | None:

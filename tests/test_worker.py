@@ -8,6 +8,7 @@ the real loop step by step; the plugins are small ones defined here.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -894,3 +895,29 @@ def test_a_paused_partition_handed_back_by_a_rebalance_flows_again(tmp_path: Any
     finally:
         first.close()
         second.close()
+
+
+@pytest.fixture
+def python_gc_defaults() -> Iterator[None]:
+    """CPython's own collector thresholds for the test, and whatever was there before it after."""
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize(
+    ("chosen", "after_start"),
+    [(None, (100_000, 10, 10)), ((5_000, 20, 20), (5_000, 20, 20))],
+    ids=["python-default", "plugin-chose"],
+)
+def test_the_worker_collects_young_garbage_less_often_unless_a_plugin_chose_its_own_thresholds(
+    kafkaworkers_harness: MakeHarness, python_gc_defaults: None, chosen: Any, after_start: tuple[int, int, int]
+) -> None:
+    plugin, _ = echo()
+    if chosen is not None:
+        plugin.on_start(lambda env: gc.set_threshold(*chosen))
+    kafkaworkers_harness(plugin, partitions=1)
+    assert gc.get_threshold() == after_start
