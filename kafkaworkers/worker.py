@@ -72,7 +72,7 @@ _MIN_BUFFER = 64
 _MAX_REVOKE_WAIT = 10.0
 #: The longest an idle loop with handlers running waits for one of them before polling again.
 _IN_FLIGHT_WAIT = 0.05
-#: CPython's own collector thresholds, which the worker replaces (and nothing else has).
+#: CPython's own collector thresholds: the worker replaces them only if nothing else changed them.
 _PYTHON_GC_THRESHOLDS = (700, 10, 10)
 #: The youngest generation collected every 100,000 allocations instead of 700: a batch's
 #: messages, contexts and decoded values live until it ends, and the default traversed them
