@@ -200,7 +200,7 @@ class Notificador:
         # Sent by this host before a failed record (the store out of reach): recorded with the
         # claim, so that handling the event again does not send them again.
         journal = self.journal
-        unrecorded = journal.pending(order_id, kind) if journal is not None else []
+        unrecorded = journal.pending_for(order_id, kind) if journal is not None else []
         with self.store.transaction() as db:
             cliente = db.execute("SELECT nome, email FROM clientes WHERE order_id = ?", (order_id,)).fetchone()
             if cliente is None:

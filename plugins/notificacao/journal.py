@@ -66,16 +66,17 @@ class SendJournal:
         with self._lock:
             self._db.executemany("DELETE FROM unrecorded WHERE order_id = ? AND kind = ? AND channel = ?", sends)
 
-    def pending(self, order_id: str | None = None, kind: str | None = None, age: float = 0.0) -> list[Send]:
-        """The sends not yet recorded: all of them (made at least ``age`` seconds ago), or one notification's."""
+    def pending(self, age: float = 0.0) -> list[Send]:
+        """The sends not yet recorded that were made at least ``age`` seconds ago."""
         with self._lock:
-            if order_id is None:
-                return self._db.execute(
-                    "SELECT order_id, kind, channel FROM unrecorded WHERE sent_at <= ?", (time.time() - age,)
-                ).fetchall()
-            return self._db.execute(
-                "SELECT order_id, kind, channel FROM unrecorded WHERE order_id = ? AND kind = ?", (order_id, kind)
-            ).fetchall()
+            sql = "SELECT order_id, kind, channel FROM unrecorded WHERE sent_at <= ?"
+            return self._db.execute(sql, (time.time() - age,)).fetchall()
+
+    def pending_for(self, order_id: str, kind: str) -> list[Send]:
+        """One notification's sends not yet recorded."""
+        with self._lock:
+            sql = "SELECT order_id, kind, channel FROM unrecorded WHERE order_id = ? AND kind = ?"
+            return self._db.execute(sql, (order_id, kind)).fetchall()
 
     def flush(self, age: float = 0.0) -> None:
         """Record the pending sends made at least ``age`` seconds ago, if the store answers."""
