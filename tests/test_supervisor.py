@@ -52,9 +52,14 @@ FAKE_CHILD = textwrap.dedent(
     time.sleep(0.3)
     if mode == "die":
         sys.exit(3)
-    if mode == "stop-once" and not os.path.exists(os.path.join(out, "stopped-once")):
-        open(os.path.join(out, "stopped-once"), "w").close()
-        os.kill(pid, signal.SIGSTOP)
+    if mode == "stop-once":
+        # O_EXCL: the children start together, and only the first to create the file stops.
+        try:
+            os.close(os.open(os.path.join(out, "stopped-once"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            os.kill(pid, signal.SIGSTOP)
     while not stop:
         time.sleep(0.02)
     open(os.path.join(out, f"stopped-{pid}"), "w").close()
