@@ -26,8 +26,10 @@ __all__ = [
     "PRODUCER",
     "Meter",
     "Spec",
+    "listening_pid",
     "percentile",
     "proc_status_kb",
+    "process_cpu",
 ]
 
 # --- the fairness knob: one set of client settings for every contender ------------------
@@ -150,6 +152,43 @@ def thread_cpu() -> dict[str, float]:
         name = "rdk:broker" if name.startswith("rdk:broker") else name
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used so far (all its threads); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on TCP ``port`` (the bench's own broker), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # local address "HEX_IP:HEX_PORT"; state 0A is LISTEN
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
 
 
 def proc_status_kb(field_name: str, pid: int | str = "self") -> int:

@@ -37,7 +37,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench import runner
 from bench.broker import Broker
-from bench.common import PRODUCER, percentile
+from bench.common import PRODUCER, listening_pid, percentile, process_cpu
 from bench.orders import CORRELATION_HEADER, make_order
 from bench.runner import KW, Contender, Workspace
 from kafkaworkers.consumer import watermarks
@@ -47,6 +47,8 @@ CATALOGUE = runner.ROOT / "plugins" / "reserva" / "catalogo.json"
 #: Stock enough for any load: the bench measures latency, not running out of stock.
 BENCH_STOCK = 10**9
 IN_TOPIC, OUT_TOPIC = "pedido-novo", "processo-picking"
+#: What reserva, pagamento and fraude answer each order with; picking joins the three.
+FIRST_HOP = ("reserva-estoque", "processo-pagamento", "fraude-verificado")
 CANCELLED_TOPIC = "pedido-cancelado"
 READY_TIMEOUT = 90.0
 DRAIN_TIMEOUT = 60.0
@@ -98,6 +100,14 @@ class LatencyResult:
     visible_p50: float = float("nan")
     visible_p99: float = float("nan")
     visible_p999: float = float("nan")
+    #: Pipeline: the slowest of the three answers to each order, minus ``criado_em`` (ms) ...
+    first_p50: float = float("nan")
+    first_p99: float = float("nan")
+    #: ... and picking's output minus that slowest answer (ms).
+    join_p50: float = float("nan")
+    join_p99: float = float("nan")
+    #: Pipeline: cores each service (and the local broker, when found) used while the load ran.
+    load_cores: dict[str, float] = field(default_factory=dict)
 
     @property
     def load(self) -> str:
@@ -152,6 +162,7 @@ def run(
     skus = _catalogue_skus() if mode == "pipeline" else None
     start_in, start_out = _ends(broker, in_topic), _ends(broker, out_topic)
     start_cancelled = _ends(broker, CANCELLED_TOPIC) if mode == "pipeline" else {}
+    start_first = {t: _ends(broker, t) for t in FIRST_HOP} if mode == "pipeline" else {}
     reader: _LiveReader | None = None
     try:
         if mode == "passthrough":
@@ -169,7 +180,10 @@ def run(
         if live:
             reader = _LiveReader(broker, out_topic, start_out, load_spec.options["id_prefix"])
             reader.start()
+        cpu = _CpuWindow(procs, broker) if mode == "pipeline" else None
         load = runner.run_contender(LOAD, load_spec, ws, rep, timeout=seconds * 3 + 60)
+        if cpu is not None:
+            result.load_cores = cpu.cores()
         if not load.ok:
             result.error = f"load producer failed: {load.error}"
             return result
@@ -209,6 +223,7 @@ def run(
         prefix = load_spec.options["id_prefix"]
         cancelled = {m.order_id for _, m in _read(broker, CANCELLED_TOPIC, start_cancelled, _OrderId)}
         result.cancelled = sum(1 for order_id in cancelled if order_id.startswith(prefix))
+        _hops(result, broker, start_first, created, prefix, {m: created[m] + v for m, v in latencies.items()})
     if reader is not None:
         visible = [t - created[o] for o, t in reader.seen.items() if o in created]
         result.visible_p50, result.visible_p99, result.visible_p999 = (percentile(visible, q) for q in (50, 99, 99.9))
@@ -219,6 +234,40 @@ def run(
     else:
         result.error = "no order came out"
     return result
+
+
+class _CpuWindow:
+    """CPU each pipeline process and the local broker use from now until :meth:`cores`."""
+
+    def __init__(self, procs: list[tuple[str, subprocess.Popen[bytes]]], broker: Broker) -> None:
+        port = int(broker.bootstrap.split(",")[0].rsplit(":", 1)[1])
+        broker_pid = listening_pid(port)
+        self.pids = {name: proc.pid for name, proc in procs}
+        if broker_pid is not None:
+            self.pids["broker"] = broker_pid
+        self.start = time.monotonic()
+        self.used = {name: process_cpu(pid) for name, pid in self.pids.items()}
+
+    def cores(self) -> dict[str, float]:
+        span = time.monotonic() - self.start
+        return {name: (process_cpu(pid) - self.used[name]) / span for name, pid in self.pids.items()}
+
+
+def _hops(result: LatencyResult, broker: Broker, start: dict[str, dict[int, int]], created: dict[str, float],
+          prefix: str, picked: dict[str, float]) -> None:  # fmt: skip
+    """Split each picked order's latency at its slowest first answer: the three services that
+    answer ``pedido-novo``, then picking's join."""
+    answered: dict[str, dict[str, float]] = {}
+    for topic in FIRST_HOP:
+        for (_, ts), m in _read(broker, topic, start[topic], _OrderId):
+            if m.order_id.startswith(prefix):
+                answered.setdefault(m.order_id, {}).setdefault(topic, ts)
+    slowest = {o: max(t.values()) for o, t in answered.items() if len(t) == len(FIRST_HOP) and o in picked}
+    first = [slowest[o] - created[o] for o in slowest]
+    join = [picked[o] - slowest[o] for o in slowest]
+    if first:
+        result.first_p50, result.first_p99 = percentile(first, 50), percentile(first, 99)
+        result.join_p50, result.join_p99 = percentile(join, 50), percentile(join, 99)
 
 
 def _start_pipeline(

@@ -271,7 +271,8 @@ def w8_latency_table(results: list[LatencyResult]) -> list[str]:
 
 def best_capacity(results: list[LatencyResult]) -> tuple[str, float]:
     """The capacity runs' best setting and its median out rate (orders/s); ("", 0) if none ran."""
-    rates = {v: _median(r.out_rate for r in results if r.variant == v and r.ok and not v.endswith("(half)"))
+    # A variant ending in ")" is a paced load at the best setting ("... (half)", "... (100/s)").
+    rates = {v: _median(r.out_rate for r in results if r.variant == v and r.ok and not v.endswith(")"))
              for v in dict.fromkeys(r.variant for r in results)}  # fmt: skip
     rates = {v: x for v, x in rates.items() if x == x}
     if not rates:
@@ -296,6 +297,30 @@ def capacity_lines(results: list[LatencyResult]) -> list[str]:
             f"| {sum(r.matched for r in ok)} / {sum(r.sent for r in ok)} | {sum(r.cancelled for r in ok)} "
             f"| {_fmt(_median(r.p50 for r in ok), 1)} | {_fmt(_median(r.p99 for r in ok), 1)} "
             f"| {_fmt(_median(r.p999 for r in ok), 1)} | {_fmt(ok[-1].workers_cpu_s, 1) if ok else '-'} |"
+        )
+    return lines
+
+
+def pipeline_split_lines(results: list[LatencyResult]) -> list[str]:
+    """Where an order's time goes (the slowest of its three first answers, then picking's join)
+    and which process used the cores while the load ran, for each load (medians of its runs)."""
+    runs = [r for r in results if r.ok and r.load_cores]
+    if not runs:
+        return []
+    names = list(dict.fromkeys(n for r in runs for n in r.load_cores))
+    lines = [
+        "| load | orders/s | p99 ms | first answer p50 / p99 ms | picking's join p50 / p99 ms | "
+        + " | ".join(f"{n} cores" for n in names) + " | total cores |",
+        "|---|--:|--:|--:|--:|" + "--:|" * (len(names) + 1),
+    ]
+    for variant in dict.fromkeys(r.variant for r in runs):
+        ok = [r for r in runs if r.variant == variant]
+        cores = [_median(r.load_cores.get(n, float("nan")) for r in ok) for n in names]
+        lines.append(
+            f"| {variant} | {_fmt(_median(r.achieved_rate for r in ok))} | {_fmt(_median(r.p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.first_p50 for r in ok), 1)} / {_fmt(_median(r.first_p99 for r in ok), 1)} "
+            f"| {_fmt(_median(r.join_p50 for r in ok), 1)} / {_fmt(_median(r.join_p99 for r in ok), 1)} | "
+            + " | ".join(_fmt(c, 2) for c in cores) + f" | {_fmt(sum(c for c in cores if c == c), 2)} |"
         )
     return lines
 

@@ -156,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-settings", default="defaults;notificacao=1,pagamento=1;notificacao=32,pagamento=32",
                    help="capacity: the services' settings to try, ';'-separated; each a comma list of "
                         "SERVICE=CONCURRENCY ('defaults': the services' own)")
+    p.add_argument("--capacity-rates", default="100,350",
+                   help="capacity: further loads in orders/s at the best setting, as long as the half one "
+                        "(default 100,350; '' for none)")  # fmt: skip
     p.add_argument("--capacity-half-seconds", type=float, default=30.0,
                    help="capacity: seconds of load at half the best capacity (default 30)")
     p.add_argument("--timeout", type=float, help="seconds one contender run may take (default 60 + N/1000)")
@@ -513,9 +516,16 @@ def main(argv: list[str] | None = None) -> int:
             "out msgs/s = orders reaching `processo-picking` iniciado per second from the first to the last "
             f"(the backlog drains within {latency.DRAIN_TIMEOUT:.0f} s); cancelled orders, the other terminal "
             "state, are counted apart (none expected: unlimited stock, approved cards). Then a load at half the "
-            "best setting's capacity, latency as in W5.",
+            "best setting's capacity, latency as in W5, and the same at each of `--capacity-rates`.",
             "",
             *report.capacity_lines(capacity),
+            "",
+            "Where the time and the cores go at each paced load: each order's slowest first answer "
+            "(reserva-estoque, processo-pagamento and fraude-verificado, by their broker timestamps) minus its "
+            "`criado_em`, then picking's output minus that answer; cores = CPU seconds each service process, and "
+            "the local broker, used while the load ran, per second (the load producer's own are not counted).",
+            "",
+            *report.pipeline_split_lines(capacity),
             "",
         ]
     if lat:
@@ -566,13 +576,17 @@ def run_capacity(args: argparse.Namespace, ws: Workspace, broker: Broker) -> lis
     if not rate:
         return results
     for rep in range(args.reps):
-        r = latency.run(ws, broker, "pipeline", 0, rate / 2, args.capacity_half_seconds, rep,
-                        variant="half", service_args=_service_args(best))  # fmt: skip
-        r.variant = f"{best} (half)"
-        results.append(r)
-        say(f"capacity [{best}] at {rate / 2:,.0f} orders/s r{rep}: " + (
-            f"p50 {r.p50:.1f} ms, p99 {r.p99:.1f} ms, {r.matched}/{r.sent} out, {r.cancelled} cancelled"
-            if r.ok else f"failed: {r.error}"))  # fmt: skip
+        loads = [(rate / 2, "half"), *((float(x), f"{float(x):,.0f}/s") for x in args.capacity_rates.split(",")
+                                        if x.strip())]  # fmt: skip
+        for load, label in loads:
+            tag = "half" if label == "half" else f"{load:.0f}ps"
+            r = latency.run(ws, broker, "pipeline", 0, load, args.capacity_half_seconds, rep,
+                            variant=tag, service_args=_service_args(best))  # fmt: skip
+            r.variant = f"{best} ({label})"
+            results.append(r)
+            say(f"capacity [{best}] at {load:,.0f} orders/s r{rep}: " + (
+                f"p50 {r.p50:.1f} ms, p99 {r.p99:.1f} ms, {r.matched}/{r.sent} out, {r.cancelled} cancelled"
+                if r.ok else f"failed: {r.error}"))  # fmt: skip
     return results
 
 
