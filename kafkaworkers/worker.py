@@ -364,7 +364,7 @@ class PluginRunner:
         rebalances = self._rebalances
         consumer = self.consumer
         messages = consumer.consume(self.batch_size, 0)
-        if not messages:
+        if not messages and timeout > 0:
             messages = consumer.consume(1, timeout)
             if messages and self.batch_size > 1:
                 messages += consumer.consume(self.batch_size - 1, 0)
