@@ -138,30 +138,34 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _stat_cpu(stat: Path) -> float:
+    """User plus system CPU seconds from a ``/proc`` ``stat`` file (a process's or a thread's)."""
+    # The command name in parentheses may hold spaces: count the fields after it.
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu() -> dict[str, float]:
     """CPU seconds of this process's threads so far, summed by thread name (``comm``): the main
     thread's Python against librdkafka's own threads (``rdk:main``, ``rdk:broker...``)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for task in Path("/proc/self/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            used = _stat_cpu(task / "stat")
         except OSError:
             continue
         name = "rdk:broker" if name.startswith("rdk:broker") else name
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + used
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def process_cpu(pid: int) -> float:
     """CPU seconds a process has used so far (all its threads); 0 if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return _stat_cpu(Path(f"/proc/{pid}/stat"))
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def listening_pid(port: int) -> int | None:
