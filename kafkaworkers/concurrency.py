@@ -6,6 +6,11 @@ order); a lane runs one message at a time, in offset order, and at most N run at
 handlers on a thread pool, ``async def`` handlers on an event loop the worker owns. The loop
 keeps polling, so heartbeats and ``max.poll.interval.ms`` never depend on handler time.
 
+The pool's threads never wait for the loop: up to N more lane heads wait in the pool's queue,
+so a thread that finishes takes the next at once, and it wakes the loop only when that queue
+runs low; otherwise the loop gathers what finished every few milliseconds. A queued message
+not started yet is never started once its partition is revoked, rewound or shutting down.
+
 What a handler produces is held with its message and sent from the loop's thread once the
 handler returned (a failed handler's outputs are never sent). A message is *finished* when
 its handler returned, or its failure was routed, and everything that produced is
@@ -57,7 +62,7 @@ from kafkaworkers.transports import Headers, Message
 if TYPE_CHECKING:
     from kafkaworkers.worker import PluginRunner, _Route
 
-__all__ = ["BUFFER_FULL", "Dispatcher", "EventLoopThread"]
+__all__ = ["BUFFER_FULL", "GATHER_WAIT", "Dispatcher", "EventLoopThread"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ BUFFER_FULL = "buffer full"
 _REWIND_BACKOFF = (0.5, 30.0)
 #: Exactly-once at concurrency > 1: the shortest time a transaction gathers finished runs.
 _MIN_TXN_INTERVAL = 0.1
+#: While the pool's threads gather finished messages without waking the loop, the longest the
+#: loop leaves them unsent: about librdkafka's own ``linger.ms`` default.
+GATHER_WAIT = 0.005
 
 
 class Job:
@@ -86,6 +94,7 @@ class Job:
         "pending",
         "route",
         "seconds",
+        "started",
         "tp",
         "value",
     )
@@ -104,6 +113,8 @@ class Job:
         self.pending = 0
         self.finished = False
         self.abandoned = False
+        #: its handler was called (set on the thread that calls it, under the dispatcher's claims lock)
+        self.started = False
         self.seconds = 0.0
         #: exactly-once: what it produced, sent in a transaction once its offset commits with it
         self.deferred: list[tuple[str, bytes | None, bytes | None, Headers, str]] = []
@@ -201,6 +212,11 @@ class Dispatcher:
         self._advanced: set[TP] = set()
         self._backoff: dict[TP, float] = {}
         self._pool: _Pool | None = None
+        # Sync handlers only: queued jobs wait for a pool thread, so queueing ahead never runs
+        # more than N at once. An ``async def`` handler starts as soon as it is submitted.
+        self._ahead = 0 if any(route.asynchronous for route in runner.routes.values()) else concurrency
+        self._low = concurrency // 2
+        self._claims = threading.Lock()
         self.loop = EventLoopThread(self.plugin.name)
         #: exactly-once: the worker's transactions; messages in flight commit in them as their runs close
         self.txn = runner.txn
@@ -226,6 +242,11 @@ class Dispatcher:
         if messages:
             runner._publish_counts(len(messages))
         return len(messages)
+
+    @property
+    def gathering(self) -> bool:
+        """Whether pool threads are finishing messages without waking the loop for each."""
+        return self._pool is not None and self._pool.waiting() > self._low
 
     @property
     def in_flight(self) -> int:
@@ -312,7 +333,8 @@ class Dispatcher:
 
     def _start_ready(self) -> None:
         ready, lanes, busy = self.ready, self.lanes, self.busy
-        while ready and self.running < self.concurrency:
+        limit = self.concurrency + self._ahead
+        while ready and self.running < limit:
             lane = ready.popleft()
             queued = lanes.get(lane)
             if not queued or lane in busy:
@@ -333,8 +355,29 @@ class Dispatcher:
             self._pool = _Pool(self.concurrency, f"kw-{self.plugin.name}", self._run)
         self._pool.submit(job, ctx)
 
+    def _claim(self, job: Job) -> bool:
+        """On the handler's thread, before it runs: False if the loop gave the job up meanwhile."""
+        with self._claims:
+            job.started = not job.abandoned
+        return job.started
+
+    def _cancel(self, job: Job) -> bool:
+        """On the loop's thread: give up a submitted job unless its handler started; whether it did."""
+        with self._claims:
+            if not job.started:
+                job.abandoned = True
+        return not job.started
+
     def _run(self, job: Job, ctx: Context[Any]) -> None:
         """On a pool thread: the handler, timed; the job goes back to the loop's thread."""
+        if self._claim(job):
+            self._call(job, ctx)
+        self.completed.put(job)
+        pool = self._pool
+        if self._ahead == 0 or pool is None or pool.waiting() <= self._low:
+            self.wakeup.set()
+
+    def _call(self, job: Job, ctx: Context[Any]) -> None:
         start = time.perf_counter()
         try:
             if self.runner._hook_scope:
@@ -345,10 +388,12 @@ class Dispatcher:
         except BaseException as exc:  # the loop's thread routes it, as the sync loop does
             job.error = exc
         job.seconds = time.perf_counter() - start
-        self.completed.put(job)
-        self.wakeup.set()
 
     async def _run_async(self, job: Job, ctx: Context[Any]) -> None:
+        if not self._claim(job):
+            self.completed.put(job)
+            self.wakeup.set()
+            return
         start = time.perf_counter()
         try:
             if self.runner._hook_scope:
@@ -599,6 +644,7 @@ class Dispatcher:
         if start is None:
             start = track.first_unfinished()
         self._drop_queued(tp, track)
+        self._cancel_waiting({tp})
         # What finished before ``start`` stays, to be stored (or sent, exactly-once) in order;
         # from ``start`` on, the partition is fetched again.
         track.offsets = deque(offset for offset in track.offsets if offset < start)
@@ -624,6 +670,22 @@ class Dispatcher:
             else:
                 del self.lanes[lane]
 
+    def _cancel_waiting(self, tps: set[TP] | None) -> None:
+        """Give up the submitted jobs of ``tps`` (all if ``None``) whose handlers have not started.
+
+        They stay at their lanes' heads until the pool hands them back unrun, so a message of
+        the same lane fetched again meanwhile still waits its turn; their offsets are unfinished.
+        """
+        for lane in self.busy:
+            queued = self.lanes.get(lane)
+            job = queued[0] if queued else None
+            if job is None or job.abandoned or (tps is not None and job.tp not in tps) or not self._cancel(job):
+                continue
+            track = self.tracks.get(job.tp)
+            if track is not None and job.offset in track.inflight:
+                track.inflight.discard(job.offset)
+                track.open -= 1
+
     def revoked(self, partitions: Iterable[TopicPartition], lost: bool = False) -> None:
         """Revoked partitions: give the messages accepted from them a bounded time to finish,
         store what finished, leave the rest to the new owner. Lost ones: drop at once
@@ -646,8 +708,9 @@ class Dispatcher:
         abandoned = 0
         for tp in tps:
             abandoned += len(self.tracks.pop(tp).inflight)
-        for job in self._jobs_of(tps):
-            job.abandoned = True
+        with self._claims:  # so no queued one starts after the revoke returns
+            for job in self._jobs_of(tps):
+                job.abandoned = True
         if abandoned:
             log.warning("%s: left %d message(s) in flight to the partitions' next owner", self.plugin.name, abandoned)
 
@@ -659,6 +722,7 @@ class Dispatcher:
         unbroken run of finished messages is stored. The rest is handled again after a restart."""
         for tp, track in self.tracks.items():
             self._drop_queued(tp, track)
+        self._cancel_waiting(None)
         self.ready.clear()
         while any(track.inflight for track in self.tracks.values()) and time.monotonic() < deadline:
             self.finish_completed(wait=0.05)
@@ -673,6 +737,7 @@ class Dispatcher:
 
     def close(self) -> None:
         """Stop the pool and the event loop; handlers still running are left to finish unseen."""
+        self._cancel_waiting(None)
         if self._pool is not None:
             self._pool.close()
         self.loop.close()
@@ -694,6 +759,10 @@ class _Pool:
 
     def submit(self, job: Job, ctx: Context[Any]) -> None:
         self._jobs.put((job, ctx))
+
+    def waiting(self) -> int:
+        """Jobs submitted and not yet taken by a thread."""
+        return self._jobs.qsize()
 
     def close(self) -> None:
         """Let the threads end once they are idle."""

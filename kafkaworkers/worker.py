@@ -38,7 +38,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from kafkaworkers.api import Context, Plugin, PluginEnv, Subscription
 from kafkaworkers.batch import RETRY_IN_PLACE, RETRY_NOT_DUE, Batch, Partitions, pause_reason
 from kafkaworkers.clock import SYSTEM_CLOCK, Clock
-from kafkaworkers.concurrency import Dispatcher, EventLoopThread
+from kafkaworkers.concurrency import GATHER_WAIT, Dispatcher, EventLoopThread
 from kafkaworkers.config import DEFAULT_PARTITIONS, Settings, admin_config
 from kafkaworkers.consumer import create_consumer
 from kafkaworkers.control import ControlChannel
@@ -66,7 +66,9 @@ log = logging.getLogger(__name__)
 
 _ERROR_LOG_INTERVAL = 10.0
 _BROKER_CHECK_INTERVAL = 5.0
-#: At concurrency N, a partition is paused past max(2N, this) accepted, unfinished messages.
+#: At concurrency N, a partition is paused past max(4N, this) accepted, unfinished messages: the N
+#: running and the N queued for a thread, with room to spare, so pauses (which drop what was
+#: prefetched) stay rare.
 _MIN_BUFFER = 64
 #: The most a revoke waits for the revoked partitions' messages in flight.
 _MAX_REVOKE_WAIT = 10.0
@@ -184,7 +186,7 @@ class PluginRunner:
         #: at concurrency > 1, what runs the messages in flight (see :mod:`kafkaworkers.concurrency`)
         self.dispatcher: Dispatcher | None = None
         if self.concurrency > 1:
-            buffer = max(2 * self.concurrency, _MIN_BUFFER)
+            buffer = max(4 * self.concurrency, _MIN_BUFFER)
             revoke = min(_MAX_REVOKE_WAIT, settings.shutdown_grace / 2)
             self.dispatcher = Dispatcher(self, self.concurrency, buffer, revoke, completed or threading.Event())
         self.loop = self.dispatcher.loop if self.dispatcher is not None else EventLoopThread(plugin.name)
@@ -780,7 +782,8 @@ class Worker:
         in_flight = any(runner.dispatcher is not None and runner.dispatcher.in_flight for runner in self.runners)
         handled = sum(runner.step(0.0 if in_flight else timeout, self.flush) for runner in self.runners)
         if in_flight and not handled:
-            self.completed.wait(min(timeout, _IN_FLIGHT_WAIT))
+            gathering = any(runner.dispatcher is not None and runner.dispatcher.gathering for runner in self.runners)
+            self.completed.wait(min(timeout, GATHER_WAIT if gathering else _IN_FLIGHT_WAIT))
         self.completed.clear()
         if not handled:
             self._check_broker()

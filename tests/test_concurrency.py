@@ -96,6 +96,7 @@ def test_messages_of_one_key_are_handled_in_offset_order_and_keys_run_in_paralle
         by_key[step.key].append(step.seq)
     assert by_key == {key: list(range(20)) for key in keys}, "a key's outputs are out of order, missing or doubled"
     assert max(overlap) > 1, "nothing ran in parallel: the test proves nothing"
+    assert max(overlap) <= 8, "more handlers ran at once than the concurrency allows"
     assert committed(harness, "ordered", "in", 0) + committed(harness, "ordered", "in", 1) == 200
 
 
@@ -267,10 +268,12 @@ def test_on_revoke_finished_work_is_stored_and_no_message_is_handled_by_two_memb
     transport = MemoryTransport(broker)
     plugin = Plugin("shared", concurrency=8)
     ledger: list[tuple[str, int, int]] = []
+    started: list[int] = []
     lock = threading.Lock()
 
     @plugin.consumes("in")
     def handle(step: Step, ctx: Context) -> None:
+        started.append(step.seq)
         time.sleep(0.02)  # the handler's work: long enough that the rebalance finds messages in flight
         with lock:
             ledger.append((threading.current_thread().name.split("_")[0], ctx.partition, ctx.offset))
@@ -280,9 +283,7 @@ def test_on_revoke_finished_work_is_stored_and_no_message_is_handled_by_two_memb
     second = Worker([plugin], settings, host, transport=transport)
     first.start(broker_wait=0)
     try:
-        dispatcher = first.runners[0].dispatcher
-        assert dispatcher is not None
-        wait_for(lambda: first.run_once(timeout=0.005) >= 0 and dispatcher.running == 8, 10, "8 in flight", 0)
+        wait_for(lambda: first.run_once(timeout=0.005) >= 0 and len(started) >= 8, 10, "8 in flight", 0)
         second.start(broker_wait=0)
 
         def both() -> bool:
@@ -306,22 +307,66 @@ def test_shutdown_finishes_what_is_in_flight_within_the_grace_and_stores_it(tmp_
     broker.create_topic("in", 1)
     transport = MemoryTransport(broker)
     plugin = Plugin("stopping", concurrency=4)
+    started: list[int] = []
     done: list[int] = []
 
     @plugin.consumes("in")
     def handle(step: Step, ctx: Context) -> None:
+        started.append(step.seq)
         time.sleep(0.05)
         done.append(step.seq)
 
     host, settings = setup(transport, plugin, tmp_path, [Step(f"k{seq}", seq) for seq in range(4)], 10.0)
     worker = Worker([plugin], settings, host, transport=transport)
     worker.start(broker_wait=0)
-    wait_for(lambda: worker.run_once(timeout=0.005) or worker.runners[0].dispatcher.running == 4, 10, "4 running")
+    wait_for(lambda: worker.run_once(timeout=0.005) >= 0 and len(started) == 4, 10, "4 running")
     worker.stop()
     worker.close()
     assert sorted(done) == [0, 1, 2, 3]
     reader = transport.consumer({"group.id": "stopping"})
     assert reader.committed([TopicPartition("in", 0)])[0].offset == 4
+
+
+def test_a_message_queued_for_a_thread_is_not_started_once_shutdown_began(tmp_path: Any) -> None:
+    broker = MemoryBroker()
+    broker.create_topic("in", 1)
+    transport = MemoryTransport(broker)
+    plugin = Plugin("queued", concurrency=2)
+    started: list[int] = []
+    gate = threading.Event()
+
+    @plugin.consumes("in")
+    def handle(step: Step, ctx: Context) -> None:
+        started.append(step.seq)
+        assert gate.wait(30), "the test never opened the gate"
+
+    host, settings = setup(transport, plugin, tmp_path, [Step(f"k{seq}", seq) for seq in range(6)], 20.0)
+    worker = Worker([plugin], settings, host, transport=transport)
+    worker.start(broker_wait=0)
+    dispatcher = worker.runners[0].dispatcher
+    assert dispatcher is not None
+    # Two handlers hold both threads; two more messages wait in the pool's queue for a thread.
+    wait_for(lambda: worker.run_once(timeout=0.005) >= 0 and len(started) == 2 and dispatcher.gathering, 10,
+             "two running and two queued")  # fmt: skip
+    assert dispatcher.in_flight == 6
+    worker.stop()
+    closing = threading.Thread(target=worker.close)
+    closing.start()
+    wait_for(lambda: dispatcher.in_flight == 2, 10, "the queued messages given up")
+    gate.set()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert sorted(started) == [0, 1], "a message queued for a thread started after shutdown began"
+    reader = transport.consumer({"group.id": "queued"})
+    assert reader.committed([TopicPartition("in", 0)])[0].offset == 2
+
+    again = Worker([plugin], settings, host, transport=transport)
+    again.start(broker_wait=0)
+    try:
+        wait_for(lambda: again.run_once(timeout=0.005) >= 0 and len(started) == 6, 10, "the rest handled")
+    finally:
+        again.close()
+    assert sorted(started) == list(range(6)), "lost or handled twice"
 
 
 def test_concurrency_settings_pick_per_plugin_then_global_then_the_plugins_own() -> None:
