@@ -6,10 +6,11 @@ order); a lane runs one message at a time, in offset order, and at most N run at
 handlers on a thread pool, ``async def`` handlers on an event loop the worker owns. The loop
 keeps polling, so heartbeats and ``max.poll.interval.ms`` never depend on handler time.
 
-The pool's threads never wait for the loop: up to N more lane heads wait in the pool's queue,
-so a thread that finishes takes the next at once, and it wakes the loop only when that queue
-runs low; otherwise the loop gathers what finished every few milliseconds. A queued message
-not started yet is never started once its partition is revoked, rewound or shutting down.
+Handlers never wait for the loop: up to N more lane heads wait for a slot (in the pool's
+queue, or for the event loop's semaphore), so a handler that finishes lets the next start at
+once, and it wakes the loop only when few are left waiting; otherwise the loop gathers what
+finished every few milliseconds. A message still waiting for a slot is never started once
+its partition is revoked, rewound or shutting down.
 
 What a handler produces is held with its message and sent from the loop's thread once the
 handler returned (a failed handler's outputs are never sent). A message is *finished* when
@@ -212,11 +213,16 @@ class Dispatcher:
         self._advanced: set[TP] = set()
         self._backoff: dict[TP, float] = {}
         self._pool: _Pool | None = None
-        # Sync handlers only: queued jobs wait for a pool thread, so queueing ahead never runs
-        # more than N at once. An ``async def`` handler starts as soon as it is submitted.
-        self._ahead = 0 if any(route.asynchronous for route in runner.routes.values()) else concurrency
+        # Jobs submitted ahead wait for a pool thread or for a permit of ``_slots``: never more
+        # than N run at once, unless a plugin mixes sync and async handlers (two kinds of slot).
+        kinds = {route.asynchronous for route in runner.routes.values()}
+        self._ahead = concurrency if len(kinds) == 1 else 0
         self._low = concurrency // 2
         self._claims = threading.Lock()
+        self._slots = asyncio.Semaphore(concurrency)
+        # Async jobs submitted and taken up: each counted by one thread, so neither count races.
+        self._async_submitted = 0
+        self._async_taken = 0
         self.loop = EventLoopThread(self.plugin.name)
         #: exactly-once: the worker's transactions; messages in flight commit in them as their runs close
         self.txn = runner.txn
@@ -245,8 +251,13 @@ class Dispatcher:
 
     @property
     def gathering(self) -> bool:
-        """Whether pool threads are finishing messages without waking the loop for each."""
-        return self._pool is not None and self._pool.waiting() > self._low
+        """Whether handlers are finishing without waking the loop for each."""
+        return self._waiting() > self._low
+
+    def _waiting(self) -> int:
+        """Submitted jobs waiting for a slot."""
+        pool = self._pool
+        return (pool.waiting() if pool is not None else 0) + self._async_submitted - self._async_taken
 
     @property
     def in_flight(self) -> int:
@@ -349,6 +360,7 @@ class Dispatcher:
         send = runner.producing(job.output) if runner._hook_producing else job.output
         ctx = Context(self.plugin, job.msg, send, runner.state, job.attempt)
         if job.route.asynchronous:
+            self._async_submitted += 1
             self.loop.submit(self._run_async(job, ctx))
             return
         if self._pool is None:
@@ -372,9 +384,12 @@ class Dispatcher:
         """On a pool thread: the handler, timed; the job goes back to the loop's thread."""
         if self._claim(job):
             self._call(job, ctx)
+        self._returned(job)
+
+    def _returned(self, job: Job) -> None:
+        """Hand a job back to the loop; wake it unless enough others wait to keep handlers busy."""
         self.completed.put(job)
-        pool = self._pool
-        if self._ahead == 0 or pool is None or pool.waiting() <= self._low:
+        if self._ahead == 0 or self._waiting() <= self._low:
             self.wakeup.set()
 
     def _call(self, job: Job, ctx: Context[Any]) -> None:
@@ -390,10 +405,13 @@ class Dispatcher:
         job.seconds = time.perf_counter() - start
 
     async def _run_async(self, job: Job, ctx: Context[Any]) -> None:
-        if not self._claim(job):
-            self.completed.put(job)
-            self.wakeup.set()
-            return
+        async with self._slots:
+            self._async_taken += 1
+            if self._claim(job):
+                await self._call_async(job, ctx)
+        self._returned(job)
+
+    async def _call_async(self, job: Job, ctx: Context[Any]) -> None:
         start = time.perf_counter()
         try:
             if self.runner._hook_scope:
@@ -409,8 +427,6 @@ class Dispatcher:
         except BaseException as exc:
             job.error = exc
         job.seconds = time.perf_counter() - start
-        self.completed.put(job)
-        self.wakeup.set()
 
     # --- finishing ---------------------------------------------------------------------
 

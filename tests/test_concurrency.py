@@ -130,22 +130,30 @@ def test_async_handlers_run_concurrently_on_the_workers_event_loop_and_produce(
     started: list[int] = []
     loops: set[int] = set()
     gate: dict[str, asyncio.Event] = {}
+    running: list[int] = [0]
+    most: list[int] = [0]
 
     @plugin.consumes("in")
     async def handle(step: Step, ctx: Context) -> None:
+        # All on the one event loop thread: no lock needed around the counts.
         loops.add(id(asyncio.get_running_loop()))
+        running[0] += 1
+        most[0] = max(most[0], running[0])
         event = gate.setdefault("open", asyncio.Event())
         started.append(step.seq)
         if len(started) == 4:
             event.set()
         await asyncio.wait_for(event.wait(), 20)
+        await asyncio.sleep(0.002)
+        running[0] -= 1
         ctx.produce("out", step)
 
     harness = kafkaworkers_harness(plugin, partitions=1)
-    for seq in range(4):
+    for seq in range(40):
         harness.produce("in", Step(f"k{seq}", seq), key=f"k{seq}")
     harness.run_until_idle(timeout=30)
-    assert sorted(s.seq for s in harness.values("out", Step)) == [0, 1, 2, 3], "four awaited at once"
+    assert sorted(s.seq for s in harness.values("out", Step)) == list(range(40)), "four awaited at once"
+    assert most[0] == 4, f"{most[0]} async handlers ran at once at concurrency 4"
     assert len(loops) == 1
 
 
@@ -327,7 +335,8 @@ def test_shutdown_finishes_what_is_in_flight_within_the_grace_and_stores_it(tmp_
     assert reader.committed([TopicPartition("in", 0)])[0].offset == 4
 
 
-def test_a_message_queued_for_a_thread_is_not_started_once_shutdown_began(tmp_path: Any) -> None:
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_message_waiting_for_a_slot_is_not_started_once_shutdown_began(tmp_path: Any, kind: str) -> None:
     broker = MemoryBroker()
     broker.create_topic("in", 1)
     transport = MemoryTransport(broker)
@@ -335,17 +344,29 @@ def test_a_message_queued_for_a_thread_is_not_started_once_shutdown_began(tmp_pa
     started: list[int] = []
     gate = threading.Event()
 
-    @plugin.consumes("in")
-    def handle(step: Step, ctx: Context) -> None:
-        started.append(step.seq)
-        assert gate.wait(30), "the test never opened the gate"
+    if kind == "sync":
+
+        @plugin.consumes("in")
+        def handle(step: Step, ctx: Context) -> None:
+            started.append(step.seq)
+            assert gate.wait(30), "the test never opened the gate"
+
+    else:
+
+        @plugin.consumes("in")
+        async def handle_async(step: Step, ctx: Context) -> None:
+            started.append(step.seq)
+            deadline = time.monotonic() + 30
+            while not gate.is_set():
+                assert time.monotonic() < deadline, "the test never opened the gate"
+                await asyncio.sleep(0.005)
 
     host, settings = setup(transport, plugin, tmp_path, [Step(f"k{seq}", seq) for seq in range(6)], 20.0)
     worker = Worker([plugin], settings, host, transport=transport)
     worker.start(broker_wait=0)
     dispatcher = worker.runners[0].dispatcher
     assert dispatcher is not None
-    # Two handlers hold both threads; two more messages wait in the pool's queue for a thread.
+    # Two handlers hold both slots; two more messages wait for one.
     wait_for(lambda: worker.run_once(timeout=0.005) >= 0 and len(started) == 2 and dispatcher.gathering, 10,
              "two running and two queued")  # fmt: skip
     assert dispatcher.in_flight == 6
@@ -356,7 +377,7 @@ def test_a_message_queued_for_a_thread_is_not_started_once_shutdown_began(tmp_pa
     gate.set()
     closing.join(30)
     assert not closing.is_alive()
-    assert sorted(started) == [0, 1], "a message queued for a thread started after shutdown began"
+    assert sorted(started) == [0, 1], "a message waiting for a slot started after shutdown began"
     reader = transport.consumer({"group.id": "queued"})
     assert reader.committed([TopicPartition("in", 0)])[0].offset == 2
 
