@@ -73,8 +73,8 @@ BUFFER_FULL = "buffer full"
 _REWIND_BACKOFF = (0.5, 30.0)
 #: Exactly-once at concurrency > 1: the shortest time a transaction gathers finished runs.
 _MIN_TXN_INTERVAL = 0.1
-#: While the pool's threads gather finished messages without waking the loop, the longest the
-#: loop leaves them unsent: about librdkafka's own ``linger.ms`` default.
+#: While handlers finish without waking the loop, the longest it leaves what they produced
+#: unsent: about librdkafka's own ``linger.ms`` default.
 GATHER_WAIT = 0.005
 
 
@@ -213,8 +213,9 @@ class Dispatcher:
         self._advanced: set[TP] = set()
         self._backoff: dict[TP, float] = {}
         self._pool: _Pool | None = None
-        # Jobs submitted ahead wait for a pool thread or for a permit of ``_slots``: never more
-        # than N run at once, unless a plugin mixes sync and async handlers (two kinds of slot).
+        # Jobs submitted ahead wait for a pool thread or for a permit of ``_slots``, so never more
+        # than N run at once. A plugin that mixes sync and async handlers has both kinds of
+        # slot, N each: it queues nothing ahead and takes at most N at once.
         kinds = {route.asynchronous for route in runner.routes.values()}
         self._ahead = concurrency if len(kinds) == 1 else 0
         self._low = concurrency // 2

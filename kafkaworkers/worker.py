@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 _ERROR_LOG_INTERVAL = 10.0
 _BROKER_CHECK_INTERVAL = 5.0
 #: At concurrency N, a partition is paused past max(4N, this) accepted, unfinished messages: the N
-#: running and the N queued for a thread, with room to spare, so pauses (which drop what was
+#: running and the N waiting for a slot, with room to spare, so pauses (which drop what was
 #: prefetched) stay rare.
 _MIN_BUFFER = 64
 #: The most a revoke waits for the revoked partitions' messages in flight.
