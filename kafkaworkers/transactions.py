@@ -12,8 +12,11 @@ reader sees all of it or none of it.
 Errors, as librdkafka classifies them: a retriable one is retried; one that requires an
 abort aborts the transaction and rewinds the partitions to the committed offsets, so the
 batch is handled again; a fenced or fatal producer stops the worker (a supervisor restarts
-it with a new producer). A transaction open for longer than most of ``transaction.timeout.ms``
-is reported, never aborted in a loop.
+it with a new producer). A call to the broker that has not returned well past its own timeout
+stops the worker the same way: librdkafka can block in ``send_offsets_to_transaction`` for as
+long as the dead group coordinator's broker stays down (confluentinc/librdkafka#5456, #5511),
+and a restarted worker's new producer finds the new coordinator. A transaction open for longer
+than most of ``transaction.timeout.ms`` is reported, never aborted in a loop.
 
 Database effects are not part of the Kafka transaction: a batch scope commits the database
 first, so a transaction aborted after it means the batch runs again against a database that
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +47,8 @@ TP = tuple[str, int]
 TRANSACTION_TIMEOUT_MS = 60_000
 _RETRIES = 5
 _CALL_TIMEOUT = 30.0
+#: How long past its own timeout a call to the broker may block before the producer is given up.
+_HANG_MARGIN = 5.0
 
 
 def transactional_id(groups: Sequence[str], index: int) -> str:
@@ -58,13 +64,15 @@ class Transactions:
     :param interval: seconds a transaction may gather batches before it commits (0: every batch).
     :param timeout_ms: the producer's ``transaction.timeout.ms``.
     :param clock: the monotonic clock.
+    :param call_timeout: the timeout given to each call that reaches the broker.
     """
 
     def __init__(
         self, producer: Any, interval: float = 0.0, timeout_ms: int = TRANSACTION_TIMEOUT_MS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, call_timeout: float = _CALL_TIMEOUT,
     ) -> None:  # fmt: skip
         self.producer = producer
+        self.call_timeout = call_timeout
         self.interval = interval
         self.timeout = timeout_ms / 1000
         self.clock = clock
@@ -76,9 +84,10 @@ class Transactions:
         self._listeners: list[Callable[[Consumer, dict[TP, int]], None]] = []
         self._warned = False
 
-    def start(self, timeout: float = _CALL_TIMEOUT) -> None:
+    def start(self) -> None:
         """Register the transactional id with the coordinator, fencing an older producer with it."""
-        self._call(lambda: self.producer.init_transactions(timeout), "init_transactions")
+        timeout = self.call_timeout
+        self._call(lambda: self.producer.init_transactions(timeout), "init_transactions", timeout)
 
     def begin(self) -> None:
         """Open a transaction unless one is open."""
@@ -116,16 +125,18 @@ class Transactions:
         """
         if not self.open:
             return True
+        timeout = self.call_timeout
         try:
             for consumer, _, positions in self.staged.values():
                 if positions:
                     offsets = [TopicPartition(t, p, o) for (t, p), o in positions.items()]
                     metadata = consumer.consumer_group_metadata()
                     self._call(
-                        lambda o=offsets, m=metadata: self.producer.send_offsets_to_transaction(o, m, _CALL_TIMEOUT),  # type: ignore[misc]
+                        lambda o=offsets, m=metadata: self.producer.send_offsets_to_transaction(o, m, timeout),  # type: ignore[misc]
                         "send_offsets_to_transaction",
+                        timeout,
                     )
-            self._call(lambda: self.producer.commit_transaction(_CALL_TIMEOUT), "commit_transaction")
+            self._call(lambda: self.producer.commit_transaction(timeout), "commit_transaction", timeout)
         except _Abortable as exc:
             log.warning("transaction aborted: %s; the batches in it are handled again", exc)
             self.abort()
@@ -139,8 +150,9 @@ class Transactions:
         if not self.open:
             return
         staged = list(self.staged.values())
+        timeout = self.call_timeout
         try:
-            self._call(lambda: self.producer.abort_transaction(_CALL_TIMEOUT), "abort_transaction")
+            self._call(lambda: self.producer.abort_transaction(timeout), "abort_transaction", timeout)
         except _Abortable as exc:
             raise ProducerFatal(f"could not abort a transaction: {exc}") from None
         finally:
@@ -162,11 +174,12 @@ class Transactions:
                 " the broker aborts it at the timeout and the batch is handled again", age, self.timeout,
             )  # fmt: skip
 
-    def _call(self, call: Callable[[], Any], what: str) -> Any:
-        """Run a transactional call, retrying what librdkafka says is retriable."""
+    def _call(self, call: Callable[[], Any], what: str, timeout: float | None = None) -> Any:
+        """Run a transactional call, retrying what librdkafka says is retriable; one that reaches
+        the broker (``timeout``: its own) may block for ``_HANG_MARGIN`` more, no longer."""
         for attempt in range(_RETRIES):
             try:
-                return call()
+                return call() if timeout is None else self._bounded(call, what, timeout + _HANG_MARGIN)
             except KafkaException as exc:
                 err: KafkaError = exc.args[0]
                 if err.fatal() or err.code() in _FENCED:
@@ -181,6 +194,34 @@ class Transactions:
                     continue
                 raise _Abortable(f"{what}: {err.str()}") from None
         raise AssertionError("unreachable")
+
+    def _bounded(self, call: Callable[[], Any], what: str, wait: float) -> Any:
+        """``call()`` on a thread of its own, waited for at most ``wait`` seconds: past that the
+        producer is given up (the thread is left blocked in librdkafka) and the worker stops."""
+        outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, call()))
+            except BaseException as exc:  # raised again on the caller's thread
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=run, name=f"kw-{what}", daemon=True)
+        thread.start()
+        thread.join(wait)
+        if not outcome:
+            # Nothing may use this producer again: its transaction stays open on the broker
+            # until the new producer's init_transactions (same transactional id) aborts it.
+            self._closed()
+            raise ProducerFatal(
+                f"{what} did not return within {wait:.0f} s (librdkafka can block while the transaction's or the"
+                " group's coordinator is down: confluentinc/librdkafka#5511); stopping without storing, so a"
+                " restarted worker's new producer finds the new coordinator and handles the rest"
+            )
+        returned, value = outcome[0]
+        if not returned:
+            raise value
+        return value
 
 
 class _Abortable(Exception):
