@@ -83,6 +83,8 @@ class Transactions:
         self.staged: dict[int, tuple[Consumer, dict[TP, int], dict[TP, int]]] = {}
         self._listeners: list[Callable[[Consumer, dict[TP, int]], None]] = []
         self._warned = False
+        #: why the producer was given up (a call blocked past its timeout), if it was
+        self._given_up = ""
 
     def start(self) -> None:
         """Register the transactional id with the coordinator, fencing an older producer with it."""
@@ -94,6 +96,8 @@ class Transactions:
         if self.open:
             self._check_age()
             return
+        if self._given_up:
+            raise ProducerFatal(self._given_up)
         self._call(self.producer.begin_transaction, "begin_transaction")
         self.open = True
         self.started = self.clock()
@@ -213,11 +217,12 @@ class Transactions:
             # Nothing may use this producer again: its transaction stays open on the broker
             # until the new producer's init_transactions (same transactional id) aborts it.
             self._closed()
-            raise ProducerFatal(
+            self._given_up = (
                 f"{what} did not return within {wait:.0f} s (librdkafka can block while the transaction's or the"
                 " group's coordinator is down: confluentinc/librdkafka#5511); stopping without storing, so a"
                 " restarted worker's new producer finds the new coordinator and handles the rest"
             )
+            raise ProducerFatal(self._given_up)
         returned, value = outcome[0]
         if not returned:
             raise value

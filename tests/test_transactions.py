@@ -61,3 +61,6 @@ def test_a_call_blocked_past_its_timeout_stops_the_worker_and_nothing_commits() 
     assert not txn.open
     txn.abort()
     assert "abort" not in producer.calls
+    with pytest.raises(ProducerFatal, match="did not return"):
+        txn.begin()
+    assert producer.calls.count("begin") == 1
